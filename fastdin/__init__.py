@@ -1,0 +1,13 @@
+"""fastdin: Deep Interest Network layers for PyTorch, fast on NVIDIA GPUs through fused Triton kernels."""
+from fastdin import functional, reference
+from fastdin.functional import attention_pool, dice, set_value_checks
+from fastdin.layers import MLP, AttentionPooling, Dice
+from fastdin.model import DIN
+from fastdin.reference import DiceParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionPooling", "Dice", "DiceParams", "DIN", "MLP",
+    "attention_pool", "dice", "functional", "reference", "set_value_checks",
+]

@@ -1,0 +1,315 @@
+"""The functional API: input checks, then dispatch to a Triton kernel or to the reference.
+
+backend is "auto" | "triton" | "reference"; None reads the environment variable FASTDIN_BACKEND
+(default "auto"). "auto" takes Triton when the tensors are on CUDA, Triton imports and a kernel
+exists for the case, and the reference otherwise. "triton" raises where no kernel exists, and
+runs on the CPU only under Triton's interpreter (TRITON_INTERPRET=1).
+"""
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastdin import reference
+from fastdin.reference import ACTIVATIONS, DICE_STATS, NORMALIZATIONS, DiceParams
+
+BACKENDS = ("auto", "triton", "reference")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # no triton wheel on this platform
+    HAS_TRITON = False
+
+_value_checks = os.environ.get("FASTDIN_VALUE_CHECKS", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the checks of tensor *values* (lengths within [0, T], Dice's valid-row count) on or off.
+
+    They are on by default. On CUDA each costs a device-to-host synchronisation, so a tuned
+    training loop whose inputs are known to be valid may turn them off. Shape, dtype and device
+    checks are free and always run.
+    """
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def _checking_values(t: Tensor) -> bool:
+    if not _value_checks or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def default_backend() -> str:
+    backend = os.environ.get("FASTDIN_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"FASTDIN_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of this device."""
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_backend(backend: Optional[str], device: torch.device, kernel_gap: Optional[str], op: str) -> str:
+    """Resolve backend to "triton" or "reference".
+
+    kernel_gap is None when a kernel exists for the case, else the reason why none does.
+    """
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        usable = device.type == "cuda" and HAS_TRITON and kernel_gap is None
+        return "triton" if usable else "reference"
+    if not triton_runnable(device):
+        raise RuntimeError(
+            f"backend='triton' for {op} needs CUDA tensors and an installed triton "
+            f"(or TRITON_INTERPRET=1 on the CPU); got tensors on {device}"
+        )
+    if kernel_gap is not None:
+        raise NotImplementedError(f"backend='triton': no Triton kernel for {op} in this case: {kernel_gap}")
+    return "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def _require_tensor(name: str, t) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _require_float(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _require_same_device(named: dict) -> None:
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_positions(lengths: Optional[Tensor], mask: Optional[Tensor], batch: int, seq_len: int):
+    """Check lengths ([B] or [B, 1], integer, within [0, T]) or mask ([B, T], bool); returns lengths as [B]."""
+    if lengths is not None and mask is not None:
+        raise ValueError("pass either lengths or mask, not both")
+    if mask is not None:
+        _require_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor [B, T] (true = valid position), got dtype {mask.dtype}")
+        if tuple(mask.shape) != (batch, seq_len):
+            raise ValueError(f"mask must have shape [B, T] = [{batch}, {seq_len}], got {list(mask.shape)}")
+    if lengths is None:
+        return None
+    _require_tensor("lengths", lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dim() == 2 and lengths.shape[1] == 1:
+        lengths = lengths.reshape(-1)
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths must have shape [B] or [B, 1] with B = {batch}, got {list(lengths.shape)}")
+    if batch and _checking_values(lengths):
+        low, high = torch.aminmax(lengths)
+        if low.item() < 0 or high.item() > seq_len:
+            raise ValueError(f"lengths must lie in [0, T] = [0, {seq_len}], got values in [{low.item()}, {high.item()}]")
+    return lengths
+
+
+def _check_activation(activation: str, act_params, hidden_sizes: Sequence[int]) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in ("prelu", "dice"):
+        return
+    if act_params is None or len(act_params) != len(hidden_sizes):
+        got = "None" if act_params is None else len(act_params)
+        raise ValueError(f"act_params must hold one entry per hidden layer ({len(hidden_sizes)}) for {activation}, got {got}")
+    for layer, (params, size) in enumerate(zip(act_params, hidden_sizes)):
+        if activation == "prelu":
+            _require_tensor(f"act_params[{layer}]", params)
+            if params.numel() not in (1, size):
+                raise ValueError(f"act_params[{layer}] (PReLU weight) must have 1 or {size} elements, got {params.numel()}")
+        else:
+            if not isinstance(params, DiceParams):
+                raise TypeError(f"act_params[{layer}] must be a DiceParams, got {type(params).__name__}")
+            _check_dice_params(params, size, f"act_params[{layer}].")
+
+
+def _check_dice_params(params: DiceParams, features: int, prefix: str = "") -> None:
+    for name in ("alpha", "running_mean", "running_var", "weight", "bias"):
+        t = getattr(params, name)
+        if t is None and name in ("weight", "bias"):
+            continue
+        _require_tensor(prefix + name, t)
+        if t.numel() != features:
+            raise ValueError(f"{prefix}{name} must have {features} elements (one per feature), got shape {list(t.shape)}")
+    if (params.weight is None) != (params.bias is None):
+        raise ValueError(f"{prefix}weight and {prefix}bias must be given together (affine) or both be None")
+
+
+def check_attention_inputs(query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats):
+    """Check the arguments of `attention_pool`; returns (query as [B, D], lengths as [B] or None)."""
+    _require_tensor("keys", keys)
+    _require_tensor("query", query)
+    _require_float("keys", keys)
+    _require_float("query", query)
+    if keys.dim() != 3:
+        raise ValueError(f"keys must be [B, T, D], got shape {list(keys.shape)}")
+    batch, seq_len, dim = keys.shape
+    if query.dim() == 3 and query.shape[1] == 1:
+        query = query.reshape(query.shape[0], query.shape[2])
+    if query.dim() != 2 or tuple(query.shape) != (batch, dim):
+        raise ValueError(f"query must be [B, D] or [B, 1, D] with B = {batch}, D = {dim} (from keys), got shape {list(query.shape)}")
+    if query.dtype != keys.dtype:
+        raise TypeError(f"query and keys must have one dtype, got {query.dtype} and {keys.dtype}")
+    if len(weights) < 2 or len(weights) != len(biases):
+        raise ValueError(
+            f"weights and biases must each hold the hidden layers and the score layer (at least 2 entries, "
+            f"as many biases as weights), got {len(weights)} weights and {len(biases)} biases"
+        )
+    fan_in = 4 * dim
+    for layer, (w, b) in enumerate(zip(weights, biases)):
+        _require_tensor(f"weights[{layer}]", w)
+        _require_tensor(f"biases[{layer}]", b)
+        _require_float(f"weights[{layer}]", w)
+        if w.dim() != 2 or w.shape[1] != fan_in:
+            raise ValueError(f"weights[{layer}] must be [out, {fan_in}] (nn.Linear layout), got shape {list(w.shape)}")
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"biases[{layer}] must have shape [{w.shape[0]}], got {list(b.shape)}")
+        fan_in = w.shape[0]
+    if weights[-1].shape[0] != 1:
+        raise ValueError(f"the last weight is the score layer and must be [1, {weights[-1].shape[1]}], got {list(weights[-1].shape)}")
+    hidden_sizes = [w.shape[0] for w in weights[:-1]]
+    _check_activation(activation, act_params, hidden_sizes)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if dice_stats not in DICE_STATS:
+        raise ValueError(f"dice_stats must be one of {DICE_STATS}, got {dice_stats!r}")
+    lengths = check_positions(lengths, mask, batch, seq_len)
+    named = {"query": query, "keys": keys, "lengths": lengths, "mask": mask}
+    named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
+    named.update({f"biases[{i}]": b for i, b in enumerate(biases)})
+    if activation == "prelu":
+        named.update({f"act_params[{i}]": p for i, p in enumerate(act_params)})
+    if activation == "dice":
+        named.update({f"act_params[{i}].alpha": p.alpha for i, p in enumerate(act_params)})
+    _require_same_device(named)
+    return query, lengths
+
+
+def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask) -> None:
+    _require_tensor("x", x)
+    _require_float("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [N, H] or [B, T, H], got shape {list(x.shape)}")
+    features = x.shape[-1]
+    _check_dice_params(DiceParams(alpha, running_mean, running_var, weight, bias), features)
+    rows = x.numel() // max(features, 1)
+    if mask is not None:
+        _require_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor of valid rows, got dtype {mask.dtype}")
+        if mask.shape != x.shape[:-1]:
+            raise ValueError(f"mask must have shape {list(x.shape[:-1])} (x without its feature dim), got {list(mask.shape)}")
+        if training and _checking_values(mask):
+            rows = int(mask.sum().item())
+    if training and rows < 2:
+        raise ValueError(f"Dice in training needs more than one (valid) row to take batch statistics, got {rows}")
+    _require_same_device({"x": x, "alpha": alpha, "running_mean": running_mean, "running_var": running_var,
+                          "weight": weight, "bias": bias, "mask": mask})
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+
+
+def _attention_kernel_gap(activation, act_params, normalization) -> Optional[str]:
+    """None when a Triton kernel covers this attention case, else why none does."""
+    return "the fused attention kernel has not been written yet"
+
+
+def _dice_kernel_gap() -> Optional[str]:
+    return "the fused Dice kernel has not been written yet"
+
+
+def _match_weight_dtype(tensors: Sequence[Tensor], dtype: torch.dtype):
+    """Outside autocast, run the reference in the inputs' dtype (as the kernels do)."""
+    if torch.is_autocast_enabled():
+        return list(tensors)
+    return [t.to(dtype) for t in tensors]
+
+
+def attention_pool(
+    query: Tensor,
+    keys: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    *,
+    activation: str = "sigmoid",
+    act_params: Optional[Sequence] = None,
+    lengths: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    normalization: Optional[str] = None,
+    return_scores: bool = False,
+    dice_stats: str = "valid",
+    backend: Optional[str] = None,
+):
+    """DIN's local activation unit + mask + weighted sum; see `fastdin.reference.attention_pool`.
+
+    query is [B, D] or [B, 1, D]; the output keeps its rank. Returns (out, scores) with
+    `return_scores`, where scores [B, T] are the weights used, after masking and softmax.
+    """
+    query_rank = query.dim() if isinstance(query, Tensor) else 0
+    query2d, lengths = check_attention_inputs(
+        query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats
+    )
+    gap = _attention_kernel_gap(activation, act_params, normalization)
+    chosen = choose_backend(backend, keys.device, gap, "attention_pool")
+    if chosen == "triton":  # pragma: no cover - replaced when the kernel lands
+        raise AssertionError("unreachable: no attention kernel is registered")
+    result = reference.attention_pool(
+        query2d, keys, _match_weight_dtype(weights, keys.dtype), _match_weight_dtype(biases, keys.dtype),
+        activation=activation, act_params=act_params, lengths=lengths, mask=mask,
+        normalization=normalization, return_scores=return_scores, dice_stats=dice_stats,
+    )
+    out, scores = result if return_scores else (result, None)
+    if query_rank == 3:
+        out = out.unsqueeze(1)
+    return (out, scores) if return_scores else out
+
+
+def dice(
+    x: Tensor,
+    alpha: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-8,
+    mask: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Dice activation; see `fastdin.reference.dice`. Updates the running statistics in training."""
+    check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask)
+    chosen = choose_backend(backend, x.device, _dice_kernel_gap(), "dice")
+    if chosen == "triton":  # pragma: no cover - replaced when the kernel lands
+        raise AssertionError("unreachable: no Dice kernel is registered")
+    return reference.dice(
+        x, alpha, running_mean, running_var, weight=weight, bias=bias, training=training,
+        momentum=momentum, eps=eps, mask=mask,
+    )
