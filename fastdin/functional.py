@@ -235,12 +235,13 @@ def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, trainin
 # ops
 
 
-def _attention_kernel_gap(activation, act_params, normalization) -> Optional[str]:
+def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
     """None when a Triton kernel covers this attention case, else why none does."""
     return "the fused attention kernel has not been written yet"
 
 
-def _dice_kernel_gap() -> Optional[str]:
+def dice_kernel_gap(x: Tensor, training: bool) -> Optional[str]:
+    """None when a Triton kernel covers this Dice case, else why none does."""
     return "the fused Dice kernel has not been written yet"
 
 
@@ -275,7 +276,7 @@ def attention_pool(
     query2d, lengths = check_attention_inputs(
         query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats
     )
-    gap = _attention_kernel_gap(activation, act_params, normalization)
+    gap = attention_kernel_gap(keys, weights, activation, act_params)
     chosen = choose_backend(backend, keys.device, gap, "attention_pool")
     if chosen == "triton":  # pragma: no cover - replaced when the kernel lands
         raise AssertionError("unreachable: no attention kernel is registered")
@@ -306,7 +307,7 @@ def dice(
 ) -> Tensor:
     """Dice activation; see `fastdin.reference.dice`. Updates the running statistics in training."""
     check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask)
-    chosen = choose_backend(backend, x.device, _dice_kernel_gap(), "dice")
+    chosen = choose_backend(backend, x.device, dice_kernel_gap(x, training), "dice")
     if chosen == "triton":  # pragma: no cover - replaced when the kernel lands
         raise AssertionError("unreachable: no Dice kernel is registered")
     return reference.dice(

@@ -56,6 +56,17 @@ class DIN(nn.Module):
         """The embedding tables by name ("item", "category", "user_0", ...)."""
         return dict(self.embeddings.items())
 
+    def batch_ids(self, batch: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """The ids each embedding table looks up for this batch (padding included), by table name."""
+        ids = {
+            "item": torch.cat([batch["item"].reshape(-1), batch["hist_items"].reshape(-1)]),
+            "category": torch.cat([batch["category"].reshape(-1), batch["hist_categories"].reshape(-1)]),
+        }
+        if "user_sparse" in batch:
+            for field in range(batch["user_sparse"].shape[1]):
+                ids[f"user_{field}"] = batch["user_sparse"][:, field]
+        return ids
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         for name in ("item", "category", "hist_items", "hist_categories", "lengths"):
             if name not in batch:
