@@ -38,7 +38,7 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def _checking_values(t: Tensor) -> bool:
-    if not _value_checks or torch.compiler.is_compiling():
+    if not _value_checks or torch.compiler.is_compiling() or t.is_meta:  # meta tensors have no values
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -198,6 +198,12 @@ def check_attention_inputs(query, keys, weights, biases, activation, act_params,
     if dice_stats not in DICE_STATS:
         raise ValueError(f"dice_stats must be one of {DICE_STATS}, got {dice_stats!r}")
     lengths = check_positions(lengths, mask, batch, seq_len)
+    if activation == "dice" and any(p.training for p in act_params):
+        rows = batch * seq_len
+        positions = mask if mask is not None else lengths
+        if dice_stats == "valid" and positions is not None and _checking_values(positions):
+            rows = int(positions.sum().item())
+        _require_dice_rows(rows)
     named = {"query": query, "keys": keys, "lengths": lengths, "mask": mask}
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     named.update({f"biases[{i}]": b for i, b in enumerate(biases)})
@@ -207,6 +213,11 @@ def check_attention_inputs(query, keys, weights, biases, activation, act_params,
         named.update({f"act_params[{i}].alpha": p.alpha for i, p in enumerate(act_params)})
     _require_same_device(named)
     return query, lengths
+
+
+def _require_dice_rows(rows: int) -> None:
+    if rows < 2:  # as nn.BatchNorm1d: one row has no variance
+        raise ValueError(f"Dice in training needs more than one (valid) row to take batch statistics, got {rows}")
 
 
 def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask) -> None:
@@ -225,8 +236,8 @@ def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, trainin
             raise ValueError(f"mask must have shape {list(x.shape[:-1])} (x without its feature dim), got {list(mask.shape)}")
         if training and _checking_values(mask):
             rows = int(mask.sum().item())
-    if training and rows < 2:
-        raise ValueError(f"Dice in training needs more than one (valid) row to take batch statistics, got {rows}")
+    if training:
+        _require_dice_rows(rows)
     _require_same_device({"x": x, "alpha": alpha, "running_mean": running_mean, "running_var": running_var,
                           "weight": weight, "bias": bias, "mask": mask})
 
