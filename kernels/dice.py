@@ -159,7 +159,7 @@ def _dice_fwd_kernel(
                 tl.load(part_ptr + plane + at, mask=feat_ok, other=0.0),
                 tl.load(part_ptr + 2 * plane + at, mask=feat_ok, other=0.0),
             )
-        count = tl.where(feat_ok, count, 1.0)  # lanes past H: avoid 0/0 (never stored)
+        count = tl.where(feat_ok, count, 2.0)  # lanes past H are never stored: keep their math finite
         var = m2 / count
     else:
         count = tl.zeros([BLOCK_H], tl.float32)
