@@ -97,6 +97,44 @@ def _load_stats(stats_ptr, feats, n_feat):
     return mean, rstd, count
 
 
+@triton.jit
+def _merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(count, mean, M2) of all rows from the [3, n_parts, H] partials, BLOCK_P partials at a time.
+
+    Fixed order, so every program gets the same bits. Within a block the parallel formula
+    M2 = sum M2_i + sum n_i (mean_i - mean)^2 is exact and stable.
+    """
+    feat_ok = feats < n_feat
+    count = tl.zeros([BLOCK_H], tl.float32)
+    mean = tl.zeros([BLOCK_H], tl.float32)
+    m2 = tl.zeros([BLOCK_H], tl.float32)
+    plane = n_parts * n_feat
+    for first in range(0, n_parts, BLOCK_P):
+        parts = first + tl.arange(0, BLOCK_P)
+        ok = (parts < n_parts)[:, None] & feat_ok[None, :]
+        at = parts[:, None] * n_feat + feats[None, :]
+        counts = tl.load(part_ptr + at, mask=ok, other=0.0)
+        means = tl.load(part_ptr + plane + at, mask=ok, other=0.0)
+        count_b = tl.sum(counts, axis=0)
+        mean_b = tl.sum(counts * means, axis=0) / tl.maximum(count_b, 1.0)
+        spread = means - mean_b[None, :]
+        m2_b = tl.sum(tl.load(part_ptr + 2 * plane + at, mask=ok, other=0.0) + counts * spread * spread, axis=0)
+        count, mean, m2 = chan_merge(count, mean, m2, count_b, mean_b, m2_b)
+    return count, mean, m2
+
+
+@triton.jit
+def _sum_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Sum over the n_parts rows of one [n_parts, H] plane of partials, in a fixed order."""
+    feat_ok = feats < n_feat
+    total = tl.zeros([BLOCK_H], tl.float32)
+    for first in range(0, n_parts, BLOCK_P):
+        parts = first + tl.arange(0, BLOCK_P)
+        ok = (parts < n_parts)[:, None] & feat_ok[None, :]
+        total += tl.sum(tl.load(part_ptr + parts[:, None] * n_feat + feats[None, :], mask=ok, other=0.0), axis=0)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 
@@ -139,6 +177,7 @@ def _dice_fwd_kernel(
     x_ptr, out_ptr, alpha_ptr, weight_ptr, bias_ptr, part_ptr, stats_ptr, run_mean_ptr, run_var_ptr,
     n_rows, n_feat, n_parts, rows_per_outer, stride_outer, stride_inner, rows_per_prog, momentum, eps,
     TRAINING: tl.constexpr, AFFINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """out = Dice(x) for the rows of this program, with batch (merged partials) or running statistics."""
     pid_r = tl.program_id(0)
@@ -147,18 +186,7 @@ def _dice_fwd_kernel(
     if TRAINING:
         # every program merges the (few) partials of its feature block in the same order, so all
         # agree bit for bit and no extra launch or grid-wide sync is needed
-        count = tl.zeros([BLOCK_H], tl.float32)
-        mean = tl.zeros([BLOCK_H], tl.float32)
-        m2 = tl.zeros([BLOCK_H], tl.float32)
-        plane = n_parts * n_feat
-        for part in range(0, n_parts):
-            at = part * n_feat + feats
-            count, mean, m2 = chan_merge(
-                count, mean, m2,
-                tl.load(part_ptr + at, mask=feat_ok, other=0.0),
-                tl.load(part_ptr + plane + at, mask=feat_ok, other=0.0),
-                tl.load(part_ptr + 2 * plane + at, mask=feat_ok, other=0.0),
-            )
+        count, mean, m2 = _merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
         count = tl.where(feat_ok, count, 2.0)  # lanes past H are never stored: keep their math finite
         var = m2 / count
     else:
@@ -179,8 +207,9 @@ def _dice_fwd_kernel(
             tl.store(run_var_ptr + feats, run_var.to(run_var_ptr.dtype.element_ty), mask=feat_ok)
     alpha, weight, bias = _load_params(alpha_ptr, weight_ptr, bias_ptr, feats, n_feat, AFFINE)
     first_row = pid_r.to(tl.int64) * rows_per_prog
+    # second pass over the rows: last-read chunk first, as it is the likeliest to be still in L2
     for start in range(0, rows_per_prog, BLOCK_R):
-        rows = first_row + start + tl.arange(0, BLOCK_R)
+        rows = first_row + (rows_per_prog - BLOCK_R - start) + tl.arange(0, BLOCK_R)
         x = _load_rows(x_ptr, rows, feats, n_rows, n_feat, rows_per_outer, stride_outer, stride_inner)
         _, p = dice_gate(x, mean[None, :], rstd[None, :], weight[None, :], bias[None, :])
         out = x * (alpha[None, :] + (1.0 - alpha[None, :]) * p)
@@ -229,7 +258,7 @@ def _dice_bwd_dx_kernel(
     n_rows, n_feat, n_parts, rows_per_outer, x_stride_outer, x_stride_inner, dy_stride_outer, dy_stride_inner,
     rows_per_prog,
     TRAINING: tl.constexpr, HAS_MASK: tl.constexpr, AFFINE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """dx for the rows of this program; row program 0 also stores d alpha, d weight, d bias.
 
@@ -242,15 +271,10 @@ def _dice_bwd_dx_kernel(
     feat_ok = feats < n_feat
     mean, rstd, count = _load_stats(stats_ptr, feats, n_feat)
     alpha, weight, bias = _load_params(alpha_ptr, weight_ptr, bias_ptr, feats, n_feat, AFFINE)
-    sum_alpha = tl.zeros([BLOCK_H], tl.float32)
-    sum_gz = tl.zeros([BLOCK_H], tl.float32)
-    sum_gz_xhat = tl.zeros([BLOCK_H], tl.float32)
     plane = n_parts * n_feat
-    for part in range(0, n_parts):  # fixed order: deterministic, and the same in every program
-        at = part * n_feat + feats
-        sum_alpha += tl.load(part_ptr + at, mask=feat_ok, other=0.0)
-        sum_gz += tl.load(part_ptr + plane + at, mask=feat_ok, other=0.0)
-        sum_gz_xhat += tl.load(part_ptr + 2 * plane + at, mask=feat_ok, other=0.0)
+    sum_alpha = _sum_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
+    sum_gz = _sum_partials(part_ptr + plane, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
+    sum_gz_xhat = _sum_partials(part_ptr + 2 * plane, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
     if pid_r == 0:
         tl.store(dalpha_ptr + feats, sum_alpha.to(dalpha_ptr.dtype.element_ty), mask=feat_ok)
         if AFFINE:
@@ -261,8 +285,9 @@ def _dice_bwd_dx_kernel(
         s1 = weight * sum_gz
         s2 = weight * sum_gz_xhat
     first_row = pid_r.to(tl.int64) * rows_per_prog
+    # second pass over the rows: last-read chunk first, as it is the likeliest to be still in L2
     for start in range(0, rows_per_prog, BLOCK_R):
-        rows = first_row + start + tl.arange(0, BLOCK_R)
+        rows = first_row + (rows_per_prog - BLOCK_R - start) + tl.arange(0, BLOCK_R)
         in_range = rows < n_rows
         x = _load_rows(x_ptr, rows, feats, n_rows, n_feat, rows_per_outer, x_stride_outer, x_stride_inner)
         g = _load_rows(dy_ptr, rows, feats, n_rows, n_feat, rows_per_outer, dy_stride_outer, dy_stride_inner)
@@ -312,6 +337,8 @@ class _Grid:
         self.rows_per_prog = chunks_per_prog * self.block_r
         self.row_programs = max(1, triton.cdiv(n_rows, self.rows_per_prog))
         self.grid = (self.row_programs, self.feature_blocks)
+        # partials merged per step; a power of 2 that bounds the tile to about 4096 elements
+        self.block_p = min(triton.next_power_of_2(self.row_programs), max(1, 4096 // self.block_h))
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
@@ -356,7 +383,7 @@ def dice_forward(
         parts, stats, run_mean, run_var,
         n_rows, n_feat, config.row_programs, rows_per_outer, stride_outer, stride_inner, config.rows_per_prog,
         float(momentum), float(eps),
-        TRAINING=training, AFFINE=affine, BLOCK_R=config.block_r, BLOCK_H=config.block_h,
+        TRAINING=training, AFFINE=affine, BLOCK_R=config.block_r, BLOCK_H=config.block_h, BLOCK_P=config.block_p,
     )
     if training and run_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(run_mean.view_as(running_mean))
@@ -402,6 +429,7 @@ def dice_backward(
         n_rows, n_feat, config.row_programs, rows_per_outer, x_stride_outer, x_stride_inner,
         dy_stride_outer, dy_stride_inner, config.rows_per_prog,
         TRAINING=training, HAS_MASK=mask is not None, AFFINE=affine, BLOCK_R=config.block_r, BLOCK_H=config.block_h,
+        BLOCK_P=config.block_p,
     )
     return (
         dx,

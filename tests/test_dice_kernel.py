@@ -110,11 +110,18 @@ def test_eval_matches_reference(device, dtype, affine):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("affine", [False, True])
-def test_small_blocks_many_programs(device, affine):
-    """Force tiny blocks so the row split, the merge of partials and feature blocks all get exercised."""
-    x, params, running, mask = make_case((2, 29, 37), torch.float32, device, True, affine)
-    config = {"block_rows": 16, "block_features": 16, "row_programs": 3}
+@pytest.mark.parametrize(
+    "shape,affine,config",
+    [
+        ((2, 29, 37), False, {"block_rows": 16, "block_features": 16, "row_programs": 3}),
+        ((2, 29, 37), True, {"block_rows": 16, "block_features": 16, "row_programs": 3}),
+        # 20 partials: more than one merge step (16 partials of 256 features at a time)
+        ((310, 200), True, {"block_rows": 16, "block_features": 256, "row_programs": 20}),
+    ],
+)
+def test_small_blocks_many_programs(device, shape, affine, config):
+    """Force small blocks so the row split, the merges of partials and feature blocks all get exercised."""
+    x, params, running, mask = make_case(shape, torch.float32, device, True, affine)
     running_mean, running_var = (r.clone() for r in running)
     out, stats = dice_kernels.dice_forward(x, params["alpha"], params["weight"], params["bias"], running_mean,
                                            running_var, mask, True, 0.1, 1e-5, **config)
@@ -214,3 +221,17 @@ def test_module_triton_equals_reference(device, affine):
     with torch.no_grad():
         evals = [m.eval()(x) for m in modules.values()]
     torch.testing.assert_close(evals[0], evals[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_stable_under_large_offset(device):
+    """mean 1000, std 0.1: E[x^2] - E[x]^2 in fp32 would lose the variance entirely; the merge must not."""
+    x = 1000 + 0.1 * torch.randn(200, 24, device=device)
+    mask = torch.rand(200, device=device) > 0.3
+    running = (torch.zeros(24, device=device), torch.ones(24, device=device))
+    _, stats = dice_kernels.dice_forward(x, torch.zeros(24, device=device), None, None, *running, mask, True, 0.1,
+                                         1e-8, block_rows=16, row_programs=3)
+    valid = x[mask].double()
+    assert rel_err(stats[0], valid.mean(0)) < 1e-6
+    assert rel_err(stats[1], (valid.var(0, unbiased=False) + 1e-8).rsqrt()) < 1e-3
+    assert torch.equal(stats[2], torch.full_like(stats[2], float(mask.sum())))
