@@ -341,6 +341,7 @@ class _DiceFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         from fastdin.kernels import dice as dice_kernels
 
