@@ -332,13 +332,18 @@ class _Grid:
         if row_programs is None:
             # about one program per SM: enough to stream memory, while the partials every program
             # merges (row programs x feature blocks) stay small; the interpreter pays per program
-            row_programs = max(1, _multiprocessors(device.index or 0) // self.feature_blocks) if device.type == "cuda" else 4
+            on_gpu = device.type == "cuda"
+            row_programs = max(1, _multiprocessors(device.index) // self.feature_blocks) if on_gpu else 4
         chunks_per_prog = triton.cdiv(chunks, max(1, min(row_programs, chunks)))
         self.rows_per_prog = chunks_per_prog * self.block_r
         self.row_programs = max(1, triton.cdiv(n_rows, self.rows_per_prog))
         self.grid = (self.row_programs, self.feature_blocks)
+        # 8 warps for the 4096-element row tiles keeps the several live fp32 tiles of the backward
+        # in registers (the warp rule of thumb of Liger-Kernel's calculate_settings); not tuned on a GPU
+        self.num_warps = 8 if self.block_r * self.block_h >= 2048 else 4
         # partials merged per step; a power of 2 that bounds the tile to about 4096 elements
         self.block_p = min(triton.next_power_of_2(self.row_programs), max(1, 4096 // self.block_h))
+        self.blocks = {"BLOCK_R": self.block_r, "BLOCK_H": self.block_h, "num_warps": self.num_warps}
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
@@ -375,7 +380,7 @@ def dice_forward(
         _dice_stats_kernel[config.grid](
             x, None if mask is None else mask.reshape(-1), parts,
             n_rows, n_feat, config.row_programs, rows_per_outer, stride_outer, stride_inner, config.rows_per_prog,
-            HAS_MASK=mask is not None, BLOCK_R=config.block_r, BLOCK_H=config.block_h,
+            HAS_MASK=mask is not None, **config.blocks,
         )
     affine = weight is not None
     _dice_fwd_kernel[config.grid](
@@ -383,7 +388,7 @@ def dice_forward(
         parts, stats, run_mean, run_var,
         n_rows, n_feat, config.row_programs, rows_per_outer, stride_outer, stride_inner, config.rows_per_prog,
         float(momentum), float(eps),
-        TRAINING=training, AFFINE=affine, BLOCK_R=config.block_r, BLOCK_H=config.block_h, BLOCK_P=config.block_p,
+        TRAINING=training, AFFINE=affine, BLOCK_P=config.block_p, **config.blocks,
     )
     if training and run_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(run_mean.view_as(running_mean))
@@ -417,7 +422,7 @@ def dice_backward(
         x, grad_out, *flat, stats, parts,
         n_rows, n_feat, config.row_programs, rows_per_outer, x_stride_outer, x_stride_inner,
         dy_stride_outer, dy_stride_inner, config.rows_per_prog,
-        AFFINE=affine, BLOCK_R=config.block_r, BLOCK_H=config.block_h,
+        AFFINE=affine, **config.blocks,
     )
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dalpha = torch.empty_like(flat[0])
@@ -428,8 +433,7 @@ def dice_backward(
         dalpha, dweight, dbias,
         n_rows, n_feat, config.row_programs, rows_per_outer, x_stride_outer, x_stride_inner,
         dy_stride_outer, dy_stride_inner, config.rows_per_prog,
-        TRAINING=training, HAS_MASK=mask is not None, AFFINE=affine, BLOCK_R=config.block_r, BLOCK_H=config.block_h,
-        BLOCK_P=config.block_p,
+        TRAINING=training, HAS_MASK=mask is not None, AFFINE=affine, BLOCK_P=config.block_p, **config.blocks,
     )
     return (
         dx,
