@@ -253,7 +253,11 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
 
 def dice_kernel_gap(x: Tensor, training: bool) -> Optional[str]:
     """None when a Triton kernel covers this Dice case, else why none does."""
-    return "the fused Dice kernel has not been written yet"
+    if x.dtype not in DICE_KERNEL_DTYPES:
+        return f"x has dtype {x.dtype}; the kernel takes {', '.join(map(str, DICE_KERNEL_DTYPES))}"
+    if x.numel() == 0:
+        return "x is empty"
+    return None
 
 
 def _match_weight_dtype(tensors: Sequence[Tensor], dtype: torch.dtype):
@@ -319,9 +323,40 @@ def dice(
     """Dice activation; see `fastdin.reference.dice`. Updates the running statistics in training."""
     check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask)
     chosen = choose_backend(backend, x.device, dice_kernel_gap(x, training), "dice")
-    if chosen == "triton":  # pragma: no cover - replaced when the kernel lands
-        raise AssertionError("unreachable: no Dice kernel is registered")
+    if chosen == "triton":
+        return _DiceFunction.apply(x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps)
     return reference.dice(
         x, alpha, running_mean, running_var, weight=weight, bias=bias, training=training,
         momentum=momentum, eps=eps, mask=mask,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dice autograd Function (Triton kernels in fastdin.kernels.dice)
+
+DICE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _DiceFunction(torch.autograd.Function):
+    """Dice through the fused kernels; saves only x, the mask and fp32 [3, H] statistics."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
+        # imported on first use, so that TRITON_INTERPRET set after `import fastdin` still applies
+        from fastdin.kernels import dice as dice_kernels
+
+        out, stats = dice_kernels.dice_forward(x, alpha, weight, bias, running_mean, running_var, mask,
+                                               training, momentum, eps)
+        ctx.save_for_backward(x, mask, alpha, weight, bias, stats)
+        ctx.training = training
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        from fastdin.kernels import dice as dice_kernels
+
+        x, mask, alpha, weight, bias, stats = ctx.saved_tensors
+        dx, dalpha, dweight, dbias = dice_kernels.dice_backward(grad_out, x, mask, alpha, weight, bias, stats,
+                                                                ctx.training)
+        return dx, dalpha, dweight, dbias, None, None, None, None, None, None
