@@ -207,8 +207,9 @@ class MBARegularizer(nn.Module):
         if self.padding_idx is not None:
             rows = rows[rows != self.padding_idx]
         compute = torch.promote_types(weight.dtype, torch.float32)
-        scale = self.lam / counts[rows].clamp(min=1).to(compute)
-        term = (weight[rows].to(compute) * scale[:, None]).to(weight.dtype)
+        # index_select, not advanced indexing: several times faster for row gathers on the CPU
+        scale = self.lam / counts.index_select(0, rows).clamp_(min=1).to(compute)
+        term = weight.index_select(0, rows).to(compute).mul_(scale[:, None]).to(weight.dtype)
         if sparse:
             term = torch.sparse_coo_tensor(rows[None], term, weight.shape, check_invariants=False)
             weight.grad = term if grad is None else grad + term
