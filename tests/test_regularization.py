@@ -168,6 +168,20 @@ def test_counts_round_trip_through_a_state_dict():
     assert torch.equal(rebuilt.frequencies()["t"], counts)
 
 
+def test_counts_attached_to_a_model_join_its_checkpoint():
+    model = DIN(17, 7, embed_dim=4, user_sparse_sizes=(5,), attention_hidden=(6,), mlp_hidden=(8,))
+    batches = _din_batches()
+    model.mba = MBARegularizer.from_batches(model, batches, lam=0.1)
+    state = model.state_dict()
+    assert torch.equal(state["mba.counts.item"], count_frequencies(batches, model)["item"])
+    assert "mba.tables" not in str(list(state))  # the tables are not saved twice
+    fresh = DIN(17, 7, embed_dim=4, user_sparse_sizes=(5,), attention_hidden=(6,), mlp_hidden=(8,))
+    fresh.mba = MBARegularizer(fresh.embedding_tables(), {n: torch.zeros_like(c) for n, c in
+                                                          model.mba.frequencies().items()}, lam=0.1)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.mba.frequencies()["category"], model.mba.frequencies()["category"])
+
+
 # ---------------------------------------------------------------------------------------------
 # dense and sparse embeddings, optimizers
 
@@ -211,6 +225,22 @@ def test_sparse_adam_moves_only_batch_rows():
         opt.step()
     changed = (table.weight.detach() != before).any(1).nonzero().flatten().tolist()
     assert changed == [2, 5, 7]
+
+
+def test_with_adam_the_term_changes_only_batch_rows():
+    results = []
+    for lam in (0.0, 2.0):
+        torch.manual_seed(3)
+        table = nn.Embedding(10, 4, padding_idx=0)
+        opt = torch.optim.Adam(table.parameters(), lr=0.1)
+        model = OneTable(table)
+        batch = torch.tensor([1, 4, 4, 0])
+        (table(batch) ** 3).mean().backward()
+        MBARegularizer({"t": table}, {"t": torch.arange(10)}, lam)(model, batch)
+        opt.step()
+        results.append(table.weight.detach().clone())
+    changed = (results[0] != results[1]).any(1).nonzero().flatten().tolist()
+    assert changed == [1, 4]
 
 
 def test_full_l2_adds_lambda_w_everywhere():
