@@ -212,7 +212,8 @@ class MBARegularizer(nn.Module):
         term = weight.index_select(0, rows).to(compute).mul_(scale[:, None]).to(weight.dtype)
         if sparse:
             term = torch.sparse_coo_tensor(rows[None], term, weight.shape, check_invariants=False)
-            weight.grad = term if grad is None else grad + term
+            # Coalesced, the optimizer updates each row once; Adagrad and SparseAdam coalesce anyway.
+            weight.grad = (term if grad is None else grad + term).coalesce()
         else:
             if grad is None:
                 weight.grad = grad = torch.zeros_like(weight)
