@@ -7,8 +7,8 @@ With dense gradients the backward and the SGD step already touch the whole table
 `sparse=True` gradients they touch only the batch's rows, and that is where full-table L2
 (O(table) per step) and MBA (O(unique ids) per step) differ the most.
 
-CPU: `torch.utils.benchmark.Timer` medians after warm-up steps. CUDA: `triton.testing.do_bench`
-medians, and the fused Triton kernel (`backend="triton"`, dense gradients) as one more variant.
+CPU: `torch.utils.benchmark.Timer` medians (and minima: on a shared machine the minimum is the
+least disturbed) after warm-up steps. CUDA: `triton.testing.do_bench` medians and minima, and the fused Triton kernel (`backend="triton"`, dense gradients) as one more variant.
 Rows are printed and appended to bench/results/mba_step_<cpu|cuda>.csv.
 
     python bench/bench_mba_step.py                 # 1M x 64 table on the CPU
@@ -29,7 +29,7 @@ from fastdin.regularization import FullL2Regularizer, MBARegularizer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 COLUMNS = ["date", "device", "device_name", "torch", "triton", "threads", "rows", "dim", "batch", "ids_per_sample",
-           "unique_ids", "grad", "variant", "median_ms", "measurements", "regularizer_ms"]
+           "unique_ids", "grad", "variant", "median_ms", "min_ms", "measurements", "regularizer_ms"]
 
 
 def device_name(device: torch.device) -> str:
@@ -87,16 +87,18 @@ def regularizer_for(variant, model, counts, lam):
 
 
 def median_ms(step, device, args):
+    """(median ms, min ms, number of CPU measurements) of one call of step, after warm-up calls."""
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
         import triton.testing
 
         torch.cuda.synchronize(device)
-        return float(triton.testing.do_bench(step, warmup=25, rep=args.rep_ms, return_mode="median")), ""
+        median, low = triton.testing.do_bench(step, warmup=25, rep=args.rep_ms, quantiles=[0.5, 0.0])
+        return median, low, ""
     timer = torch_benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=args.min_run_s)
-    return measurement.median * 1e3, len(measurement.times)
+    return measurement.median * 1e3, min(measurement.times) * 1e3, len(measurement.times)
 
 
 def main():
@@ -114,6 +116,8 @@ def main():
     parser.add_argument("--csv", default=None, help="default bench/results/mba_step_<device>.csv")
     args = parser.parse_args()
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     batches = make_batches(args, device)
     unique = sum(torch.unique(ids[ids != 0]).numel() for ids, _ in batches) / len(batches)
@@ -147,7 +151,7 @@ def main():
                     regularizer(model, batch)
                 optimizer.step()
 
-            ms, measurements = median_ms(step, device, args)
+            ms, min_ms, measurements = median_ms(step, device, args)
             regularizer_ms = ""
             if regularizer is not None:  # the hook alone, on a fixed gradient: less noisy than a whole step
                 batch = batches[0]
@@ -167,6 +171,7 @@ def main():
                 "triton": triton_version, "threads": torch.get_num_threads() if device.type == "cpu" else "",
                 "rows": args.rows, "dim": args.dim, "batch": args.batch, "ids_per_sample": args.ids_per_sample,
                 "unique_ids": round(unique), "grad": grad, "variant": variant, "median_ms": round(ms, 4),
+                "min_ms": round(min_ms, 4),
                 "measurements": measurements, "regularizer_ms": regularizer_ms,
             })
             print(f"{grad:>6}  {variant:<10}  step {ms:10.3f} ms  regularizer {regularizer_ms} ms", flush=True)
