@@ -145,6 +145,9 @@ class MBARegularizer(nn.Module):
         self.lam = _check_lambda(lam)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+                                        or padding_idx < 0):
+            raise ValueError(f"padding_idx must be an id >= 0 or None, got {padding_idx!r}")
         self.backend, self.padding_idx = backend, padding_idx
         if not isinstance(counts, Mapping):
             raise TypeError(f"counts must be a mapping of table name to counts, got {type(counts).__name__}")

@@ -334,6 +334,8 @@ def test_bad_input_errors():
         MBARegularizer({"t": table}, good, "0.1")
     with pytest.raises(TypeError, match=r"tables\['t'\] must be an nn.Embedding"):
         MBARegularizer({"t": nn.Linear(2, 2)}, good, 0.1)
+    with pytest.raises(ValueError, match="padding_idx must be an id >= 0 or None"):
+        MBARegularizer({"t": table}, good, 0.1, padding_idx=-1)
     with pytest.raises(ValueError, match="backend must be one of"):
         MBARegularizer({"t": table}, good, 0.1, backend="cuda")
     with pytest.raises(TypeError, match="ids of table 't' must be an integer tensor"):
