@@ -240,8 +240,9 @@ class Workload:
         positions = int(self.lengths.sum())
         if c.kind == "attention":
             act_params = sum(p.numel() for a in self.model.mlp.activations for p in a.parameters())
-            grad_rows = c.seq_len if c.shared_history else c.batch * c.seq_len
-            return counts.attention_bytes(c.batch, c.seq_len, c.dim, c.hidden, positions, grad_rows, itemsize,
+            # a shared history is read once and its gradient is [1, T, D]; else the gradient is all of [B, T, D]
+            read_rows, grad_rows = (c.seq_len, c.seq_len) if c.shared_history else (positions, c.batch * c.seq_len)
+            return counts.attention_bytes(c.batch, c.seq_len, c.dim, c.hidden, read_rows, grad_rows, itemsize,
                                           training, act_params)
         tables = sum(t.weight.numel() for t in self.model.embedding_tables().values())
         dense = sum(p.numel() for p in self.model.parameters()) - tables

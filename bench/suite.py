@@ -8,6 +8,7 @@ import datetime
 import os
 import re
 import sys
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the time-versus-T series")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out-dir", default=RESULTS_DIR, help="where the CSV is appended and the PNG written")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new case after this many minutes; what was measured is still reported")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -101,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
     stem = os.path.join(args.out_dir, _slug(name) + ("-quick" if args.quick else ""))
 
     rows, failures = [], 0
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     for case, dtype in tqdm([(c, d) for c in cases for d in dtypes], desc="bench", file=sys.stderr):
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"--max-minutes {args.max_minutes} reached: stopped before {case.key} {dtype}", file=sys.stderr)
+            break
         work = Workload(case, dtype, device, args.seed)
         reference = work.reference_output(work.implementation("eager"))
         for mode in modes:
@@ -126,9 +133,10 @@ def run(args: argparse.Namespace) -> int:
             report.append_csv(stem + ".csv", group)
             rows += group
     print(report.table(rows))
-    report.plot(stem + ".png", rows, f"fastdin bench on {name}, torch {torch.__version__}, triton {triton_version}, "
+    png = f"{stem}-{'-'.join(dtypes)}.png"
+    report.plot(png, rows, f"fastdin bench on {name}, torch {torch.__version__}, triton {triton_version}, "
                 f"{meta['date'][:10]}")
-    print(f"appended {stem}.csv; wrote {stem}.png")
+    print(f"appended {stem}.csv; wrote {png}")
     if failures:
         print(f"{failures} measurement(s) failed; see the note column", file=sys.stderr)
     return 1 if failures else 0
