@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows, failures = [], 0
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
-    for case, dtype in tqdm([(c, d) for c in cases for d in dtypes], desc="bench", file=sys.stderr):
+    for case, dtype in tqdm([(c, d) for c in cases for d in dtypes], desc="bench", file=sys.stderr, disable=None):
         if deadline is not None and time.monotonic() > deadline:
             print(f"--max-minutes {args.max_minutes} reached: stopped before {case.key} {dtype}", file=sys.stderr)
             break
