@@ -219,7 +219,7 @@ class Workload:
             return attention
         rows = torch.empty(c.batch, self.model.mlp.linears[0].out_features, device=self.device, dtype=self.dtype)
         dice = functional.choose_backend("auto", self.device, functional.dice_kernel_gap(rows, training), "dice")
-        return f"attention:{attention} dice:{dice}"
+        return attention if attention == dice else f"attention:{attention} dice:{dice}"
 
     def flops(self, mode: str) -> int:
         c, training = self.case, mode == "training"

@@ -2,7 +2,7 @@
 import csv
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 COLUMNS = [
     "date", "device", "torch", "triton", "case", "shape", "mode", "dtype", "impl", "backend",
@@ -65,7 +65,7 @@ def _csv_value(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def plot(path: str, rows: Sequence[Dict], title: str) -> Optional[str]:
+def plot(path: str, rows: Sequence[Dict], title: str) -> None:
     """Speedup over eager per case (left) and time versus T for the attention sweep (right)."""
     import matplotlib
 
@@ -79,7 +79,7 @@ def plot(path: str, rows: Sequence[Dict], title: str) -> Optional[str]:
     impls = [i for i in ("fastdin", "compile", "deepctr") if any(r["impl"] == i for r in main)]
     width = 0.8 / max(len(impls), 1)
     for n, impl in enumerate(impls):
-        speed = {(r["case"], r["mode"], r["dtype"]): r["speedup_vs_eager"] for r in main if r["impl"] == impl}
+        speed = {(r["case"], r["mode"], r["dtype"]): r.get("speedup_vs_eager") for r in main if r["impl"] == impl}
         xs = [i + n * width for i in range(len(labels))]
         left.bar(xs, [speed.get(k) or 0 for k in labels], width, label=impl)
     left.axhline(1.0, color="black", linewidth=0.8)
@@ -87,7 +87,8 @@ def plot(path: str, rows: Sequence[Dict], title: str) -> Optional[str]:
     left.set_xticklabels([f"{c} {m[:5]} {d}" for c, m, d in labels], rotation=70, ha="right", fontsize=7)
     left.set_ylabel("speedup over eager (higher is better)")
     left.set_title("speedup per case")
-    left.legend()
+    if impls:
+        left.legend()
 
     sweep = [r for r in rows if r["case"].startswith("sweep-") and r.get("ms")]
     for key in sorted({(r["impl"], r["mode"], r["dtype"]) for r in sweep}):
@@ -104,4 +105,4 @@ def plot(path: str, rows: Sequence[Dict], title: str) -> Optional[str]:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+

@@ -11,18 +11,24 @@ from fastdin.bench import counts, report, suite
 from fastdin.bench.cases import DeepCTRAttention, Workload, select_cases
 
 
-def test_quick_suite_writes_table_csv_and_png(tmp_path, capsys):
+def run_quick(out_dir, *argv) -> int:
     parser = argparse.ArgumentParser()
     suite.add_arguments(parser)
-    args = parser.parse_args(["--quick", "--no-compile", "--cases", "attention-sigmoid,dice-small,sweep-T10",
-                              "--impls", "fastdin,eager", "--out-dir", str(tmp_path)])
-    assert suite.run(args) == 0
-    assert "attention-sigmoid" in capsys.readouterr().out
-    [csv_path] = tmp_path.glob("*.csv")
+    return suite.run(parser.parse_args(["--quick", "--no-compile", "--out-dir", str(out_dir), *argv]))
+
+
+def read_csv(out_dir):
+    [csv_path] = out_dir.glob("*.csv")
     with open(csv_path) as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == report.COLUMNS
-        rows = list(reader)
+        return list(reader)
+
+
+def test_quick_suite_writes_table_csv_and_png(tmp_path, capsys):
+    assert run_quick(tmp_path, "--cases", "attention-sigmoid,dice-small,sweep-T10", "--impls", "fastdin,eager") == 0
+    assert "attention-sigmoid" in capsys.readouterr().out
+    rows = read_csv(tmp_path)
     assert len(rows) == 3 * 2 * 2  # cases x modes x impls
     for row in rows:
         assert float(row["ms"]) > 0 and row["torch"] == torch.__version__ and row["device"] and row["date"]
@@ -36,6 +42,21 @@ def test_quick_suite_writes_table_csv_and_png(tmp_path, capsys):
     assert float(dice["gflop"]) == pytest.approx(counts.dice_flops(256 * 200, training=True) / 1e9, rel=1e-5)
     [png] = tmp_path.glob("*.png")
     assert png.stat().st_size > 10_000
+
+
+def test_a_failed_measurement_is_reported_and_fails_the_run(tmp_path, monkeypatch):
+    measure = suite._measure
+
+    def broken_fastdin(work, impl, *args):
+        if impl == "fastdin":
+            raise RuntimeError("kernel exploded")
+        return measure(work, impl, *args)
+
+    monkeypatch.setattr(suite, "_measure", broken_fastdin)
+    assert run_quick(tmp_path, "--cases", "dice-small", "--impls", "fastdin,eager", "--modes", "inference") == 1
+    fastdin, eager = read_csv(tmp_path)
+    assert fastdin["note"] == "failed: RuntimeError: kernel exploded" and fastdin["ms"] == ""
+    assert float(eager["ms"]) > 0  # the other implementations are still measured
 
 
 def test_attention_counts_by_hand():
