@@ -27,25 +27,30 @@ if compgen -G "bench/wheels/*.whl" > /dev/null; then
 fi
 
 step "tests on CUDA"
-timeout 150 python3 -m pytest -q tests > "$OUT/tests.log" 2>&1
+timeout 100 python3 -m pytest -q tests > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"
 tail -3 "$OUT/tests.log"
 
 step "pytest-benchmark path on CUDA (one case)"
-timeout 60 python3 -m pytest -q bench -k "attention-sigmoid and not compile" --benchmark-columns=median,rounds \
-    > "$OUT/pytest-bench.log" 2>&1
+timeout 40 python3 -m pytest -q bench -k "attention-sigmoid and bf16 and (eager or fastdin)" \
+    --benchmark-columns=median,rounds > "$OUT/pytest-bench.log" 2>&1
 echo "pytest bench rc=$?"
 tail -2 "$OUT/pytest-bench.log"
 
-# bf16 (autocast) is the headline: every case and implementation, compile included.
+# bf16 (autocast) is the headline: every case and implementation, torch.compile included.
 step "bench bf16"
-timeout 270 python3 -m fastdin.bench --dtypes bf16 --max-minutes 3.5 --out-dir "$OUT" > "$OUT/bench-bf16.log" 2>&1
+timeout 190 python3 -m fastdin.bench --dtypes bf16 --no-sweep --max-minutes 2.3 --out-dir "$OUT" \
+    > "$OUT/bench-bf16.log" 2>&1
 echo "bench bf16 rc=$?"
-# fp32 without compile and without the sweep, to fit the budget.
+# The time-versus-T series, both dtypes, without compile (a compile per point would not fit).
+step "bench sweep"
+timeout 60 python3 -m fastdin.bench --dtypes bf16,fp32 --no-compile --out-dir "$OUT" \
+    --cases sweep-T50,sweep-T100,sweep-T200,sweep-T500,sweep-T1000 > "$OUT/bench-sweep.log" 2>&1
+echo "bench sweep rc=$?"
 step "bench fp32"
-timeout 120 python3 -m fastdin.bench --dtypes fp32 --no-compile --no-sweep --max-minutes 1.2 --out-dir "$OUT" \
+timeout 60 python3 -m fastdin.bench --dtypes fp32 --no-compile --no-sweep --max-minutes 0.8 --out-dir "$OUT" \
     > "$OUT/bench-fp32.log" 2>&1
 echo "bench fp32 rc=$?"
 
 step "done"
-tail -n 70 "$OUT/bench-bf16.log"
+tail -n 45 "$OUT/bench-bf16.log"

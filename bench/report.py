@@ -72,37 +72,45 @@ def plot(path: str, rows: Sequence[Dict], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6))
     main = [r for r in rows if not r["case"].startswith("sweep-") and r["impl"] != "eager" and r.get("ms")]
-    labels = sorted({(r["case"], r["mode"], r["dtype"]) for r in main},
-                    key=lambda k: [r["case"] for r in rows].index(k[0]))
-    impls = [i for i in ("fastdin", "compile", "deepctr") if any(r["impl"] == i for r in main)]
-    width = 0.8 / max(len(impls), 1)
-    for n, impl in enumerate(impls):
-        speed = {(r["case"], r["mode"], r["dtype"]): r.get("speedup_vs_eager") for r in main if r["impl"] == impl}
-        xs = [i + n * width for i in range(len(labels))]
-        left.bar(xs, [speed.get(k) or 0 for k in labels], width, label=impl)
-    left.axhline(1.0, color="black", linewidth=0.8)
-    left.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-    left.set_xticklabels([f"{c} {m[:5]} {d}" for c, m, d in labels], rotation=70, ha="right", fontsize=7)
-    left.set_ylabel("speedup over eager (higher is better)")
-    left.set_title("speedup per case")
-    if impls:
-        left.legend()
-
     sweep = [r for r in rows if r["case"].startswith("sweep-") and r.get("ms")]
-    for key in sorted({(r["impl"], r["mode"], r["dtype"]) for r in sweep}):
-        points = sorted((int(r["case"][len("sweep-T"):]), r["ms"]) for r in sweep if (r["impl"], r["mode"], r["dtype"]) == key)
-        right.plot([t for t, _ in points], [ms for _, ms in points], marker="o", label=" ".join(key))
-    right.set_xlabel("history length T")
-    right.set_ylabel("median ms")
-    right.set_title("attention unit, time versus T" + (f" ({sweep[0]['shape'].split('x')[0]} users)" if sweep else ""))
+    panels = int(bool(main)) + int(bool(sweep)) or 1
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 6), squeeze=False)
+    axes = list(axes[0])
+    if main:
+        _plot_speedups(axes.pop(0), main, [r["case"] for r in rows])
     if sweep:
-        right.set_xscale("log")
-        right.set_yscale("log")
-        right.legend(fontsize=7)
+        _plot_sweep(axes.pop(0), sweep)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+
+def _plot_speedups(ax, main: Sequence[Dict], case_order: Sequence[str]) -> None:
+    labels = sorted({(r["case"], r["mode"], r["dtype"]) for r in main}, key=lambda k: case_order.index(k[0]))
+    impls = [i for i in ("fastdin", "compile", "deepctr") if any(r["impl"] == i for r in main)]
+    width = 0.8 / len(impls)
+    for n, impl in enumerate(impls):
+        speed = {(r["case"], r["mode"], r["dtype"]): r.get("speedup_vs_eager") for r in main if r["impl"] == impl}
+        ax.bar([i + n * width for i in range(len(labels))], [speed.get(k) or 0 for k in labels], width, label=impl)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels([f"{c} {m[:5]} {d}" for c, m, d in labels], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over eager (higher is better)")
+    ax.set_title("speedup per case")
+    ax.legend()
+
+
+def _plot_sweep(ax, sweep: Sequence[Dict]) -> None:
+    for key in sorted({(r["impl"], r["mode"], r["dtype"]) for r in sweep}):
+        points = sorted((int(r["case"][len("sweep-T"):]), r["ms"]) for r in sweep
+                        if (r["impl"], r["mode"], r["dtype"]) == key)
+        ax.plot([t for t, _ in points], [ms for _, ms in points], marker="o", label=" ".join(key))
+    ax.set_xlabel("history length T")
+    ax.set_ylabel("median ms")
+    ax.set_title(f"attention unit, time versus T ({sweep[0]['shape'].split('x')[0]} users)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             report.append_csv(stem + ".csv", group)
             rows += group
     print(report.table(rows))
-    png = f"{stem}-{'-'.join(dtypes)}.png"
+    png = f"{stem}-{'-'.join(dtypes)}{'-sweep' if all(c.sweep for c in cases) else ''}.png"
     report.plot(png, rows, f"fastdin bench on {name}, torch {torch.__version__}, triton {triton_version}, "
                 f"{meta['date'][:10]}")
     print(f"appended {stem}.csv; wrote {png}")
