@@ -41,11 +41,17 @@ def table(rows: Sequence[Dict]) -> str:
     cells = [[header for _, header in TABLE]]
     for row in rows:
         impl = row["impl"] if row["impl"] != "fastdin" else f"fastdin[{row['backend']}]"
-        cells.append([impl if key == "impl" else fmt(row.get(key), key) for key, _ in TABLE])
+        cells.append([impl if key == "impl" else _cell(row, key) for key, _ in TABLE])
     widths = [max(len(r[i]) for r in cells) for i in range(len(TABLE))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _cell(row: Dict, key: str) -> str:
+    if key == "peak_mib" and row.get("ms") and row.get("peak_mib") is None:
+        return "n/a"  # only CUDA's allocator reports a peak; on the CPU it is not guessed
+    return fmt(row.get(key), key)
 
 
 def append_csv(path: str, rows: Sequence[Dict]) -> None:
