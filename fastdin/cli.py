@@ -38,6 +38,8 @@ def _positive_float(text: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # fastdin train
 
+TEST_BATCH_SIZE = 1024  # fixed: a stream's rows depend on its batch size, and the test set must not
+
 
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
@@ -98,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         metrics = train(
             model, data.stream("train", args.train_size, args.batch_size),
-            data.stream("test", args.test_size, max(args.batch_size, 1024)),
+            data.stream("test", args.test_size, TEST_BATCH_SIZE),
             epochs=args.epochs, lr=args.lr, device=device, progress=not args.no_progress,
         )
     except NotImplementedError as error:  # backend="triton" where no kernel covers the case

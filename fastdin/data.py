@@ -145,7 +145,10 @@ class SyntheticDIN:
         return out
 
     def stream(self, split: str, num_rows: int, batch_size: int) -> "BatchStream":
-        """The first `num_rows` rows of `split` in batches (the last one may be smaller); re-iterable."""
+        """The first `num_rows` rows of `split` in batches (the last one may be smaller); re-iterable.
+
+        Batch i is `batch(split, i, batch_size)`, so the rows depend on batch_size as well as on the seed.
+        """
         return BatchStream(self, split, num_rows, batch_size)
 
 
