@@ -91,7 +91,7 @@ def train(
                 raise FloatingPointError(f"the training loss became {loss_value} in epoch {epoch}")
             loss_sum += loss_value * len(batch["label"])
             rows += len(batch["label"])
-            bar.set_postfix(loss=f"{loss_sum / rows:.4f}")
+            bar.set_postfix(loss=f"{loss_sum / rows:.4f}", refresh=False)  # tqdm redraws at its own pace
         metrics = evaluate(model, test_batches, device)
         per_epoch.append({"epoch": epoch, "train_loss": loss_sum / rows,
                           "test_auc": metrics["auc"], "test_logloss": metrics["logloss"]})
