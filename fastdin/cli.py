@@ -87,6 +87,9 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 
 def run_train(args: argparse.Namespace) -> int:
     device = _device(args.parser, args.device)
+    for flag, path in (("--save", args.save), ("--metrics-out", args.metrics_out)):
+        if path is not None and not path.parent.is_dir():  # fail now, not after the training
+            args.parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
     torch.set_num_threads(args.threads)
     if args.backend == "triton" and not functional.triton_runnable(device):
         args.parser.error(f"--backend triton needs a CUDA device and triton installed; the device is {device}")

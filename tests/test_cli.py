@@ -56,6 +56,8 @@ def test_info(capsys):
     (["train", "--batch-size", "-4"], "must be a positive integer"),
     (["train", "--lr", "0"], "must be a positive number"),
     (["train", "--device", "tpu"], "--device must be"),
+    (["train", "--metrics-out", "no/such/folder/m.json"], "does not exist"),
+    (["train", "--save", "no/such/folder/m.pt"], "does not exist"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments(capsys, argv, message):
