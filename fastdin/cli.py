@@ -61,6 +61,8 @@ def add_train(subparsers) -> None:
     p.add_argument("--test-size", type=_positive_int, default=20_000, help="test rows")
     p.add_argument("--max-history", type=_positive_int, default=SyntheticConfig.max_history,
                    help="longest behaviour history T")
+    p.add_argument("--user-features", action="store_true",
+                   help="add a user profile id and a dense feature to each row (DIN's optional inputs)")
     p.add_argument("--embed-dim", type=_positive_int, default=16, help="size of the item and category embeddings")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="CPU threads for torch; DIN's small per-batch ops gain little from more, "
@@ -93,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.backend == "triton" and not functional.triton_runnable(device):
         args.parser.error(f"--backend triton needs a CUDA device and triton installed; the device is {device}")
-    data_config = SyntheticConfig(max_history=args.max_history, min_history=1, seed=args.seed)
+    data_config = SyntheticConfig(max_history=args.max_history, seed=args.seed, user_features=args.user_features)
     data = SyntheticDIN(data_config)
     model_config = dict(data.vocab_sizes(), embed_dim=args.embed_dim, pooling=args.pooling, backend=args.backend)
     torch.manual_seed(args.seed)
@@ -109,6 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
     except NotImplementedError as error:  # backend="triton" where no kernel covers the case
         args.parser.error(str(error))
     metrics.update(pooling=args.pooling, backend=args.backend, seed=args.seed, batch_size=args.batch_size,
+                   user_features=args.user_features,
                    train_size=args.train_size, test_size=args.test_size)
     print(f"test AUC {metrics['test_auc']:.4f}, test logloss {metrics['test_logloss']:.4f}, "
           f"wall time {metrics['wall_time_s']:.1f} s")

@@ -35,6 +35,9 @@ class SyntheticConfig:
     noise: float = 0.2  # share of history behaviours that come from any category
     zipf_exponent: float = 1.0
     seed: int = 0
+    # adds "user_sparse" [B, 1] (the user's strongest interest, as a profile feature would record it)
+    # and "dense" [B, 1] (the history length / max_history), for DIN's optional inputs
+    user_features: bool = False
 
     def __post_init__(self):
         for name in ("num_categories", "items_per_category", "max_history", "min_history", "interests_per_user"):
@@ -81,8 +84,11 @@ class SyntheticDIN:
         self.item_rank_popularity = _zipf(c.items_per_category, c.zipf_exponent)
 
     def vocab_sizes(self) -> Dict[str, int]:
-        """The keyword arguments `fastdin.DIN` needs for its embedding tables."""
-        return {"num_items": self.num_items, "num_categories": self.num_categories}
+        """The keyword arguments `fastdin.DIN` needs for its embedding tables and optional inputs."""
+        sizes = {"num_items": self.num_items, "num_categories": self.num_categories}
+        if self.config.user_features:
+            sizes.update(user_sparse_sizes=(self.num_categories,), num_dense=1)
+        return sizes
 
     def category_of(self, items: Tensor) -> Tensor:
         """The category id of each item id (0 for padding)."""
@@ -140,6 +146,10 @@ class SyntheticDIN:
             "lengths": torch.from_numpy(lengths),
             "label": torch.from_numpy(label.astype(np.float32)),
         }
+        if c.user_features:
+            strongest = np.take_along_axis(interests, interest_weights.argmax(1)[:, None], axis=1)
+            out["user_sparse"] = torch.from_numpy(strongest)
+            out["dense"] = torch.from_numpy((lengths / t_max).astype(np.float32)[:, None])
         if with_interests:
             out["interests"] = torch.from_numpy(interests)
         return out

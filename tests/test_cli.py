@@ -13,10 +13,10 @@ TINY = ["--train-size", "600", "--test-size", "300", "--batch-size", "200", "--m
         "--embed-dim", "4", "--no-progress", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("pooling", ["attention", "sum"])
-def test_train_writes_metrics_and_model(tmp_path, capsys, pooling):
+@pytest.mark.parametrize("pooling, extra", [("attention", []), ("sum", ["--user-features"])])
+def test_train_writes_metrics_and_model(tmp_path, capsys, pooling, extra):
     metrics_path, model_path = tmp_path / "metrics.json", tmp_path / "model.pt"
-    code = main(["train", *TINY, "--epochs", "2", "--pooling", pooling, "--seed", "3",
+    code = main(["train", *TINY, *extra, "--epochs", "2", "--pooling", pooling, "--seed", "3",
                  "--metrics-out", str(metrics_path), "--save", str(model_path)])
     assert code == 0
     printed = capsys.readouterr().out

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fastdin.data import SyntheticConfig, SyntheticDIN
+from fastdin.model import DIN
 
 CONFIG = SyntheticConfig(num_categories=30, items_per_category=7, max_history=12, min_history=2,
                          interests_per_user=3, noise=0.1, seed=5)
@@ -106,3 +107,15 @@ def test_bad_arguments(data):
         data.batch("train", 0, 0)
     with pytest.raises(ValueError, match="num_rows"):
         data.stream("train", 0, 4)
+
+
+def test_user_features_feed_din():
+    data = SyntheticDIN(SyntheticConfig(**{**vars(CONFIG), "user_features": True}))
+    batch = data.batch("train", 0, 64, with_interests=True)
+    assert batch["user_sparse"].shape == (64, 1) and batch["dense"].shape == (64, 1)
+    assert (batch["user_sparse"] == batch["interests"]).any(1).all()
+    assert torch.allclose(batch["dense"][:, 0], batch["lengths"] / CONFIG.max_history)
+    assert "user_sparse" not in SyntheticDIN(CONFIG).batch("train", 0, 4)
+    batch.pop("interests")
+    logits = DIN(**data.vocab_sizes(), embed_dim=4, attention_hidden=(8,), mlp_hidden=(8,))(batch)
+    assert logits.shape == (64,) and torch.isfinite(logits).all()
