@@ -53,8 +53,8 @@ def add_train(subparsers) -> None:
     p.add_argument("--backend", choices=functional.BACKENDS, default="auto",
                    help="auto: Triton kernels on CUDA where they cover the case, else the PyTorch reference")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--epochs", type=_positive_int, default=2)
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--epochs", type=_positive_int, default=2, help="passes over the training rows")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="training rows per optimizer step")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the model's initialisation")
     p.add_argument("--train-size", type=_positive_int, default=80_000, help="training rows per epoch")
