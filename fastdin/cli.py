@@ -1,4 +1,4 @@
-"""The `fastdin` command line: `fastdin train`, `fastdin info`.
+"""The `fastdin` command line: `fastdin train`, `fastdin info`, `fastdin bench`.
 
 Each subcommand is a function that adds its parser to the subparsers and sets `run` (a function
 of the parsed args returning the exit code); add a new one to `SUBCOMMANDS`.
@@ -191,8 +191,21 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# fastdin bench
 
-SUBCOMMANDS = [add_train, add_info]
+
+def add_bench(subparsers) -> None:
+    from fastdin.bench import suite  # imported here: matplotlib and the cases load only for `bench`
+
+    p = subparsers.add_parser("bench", help="time fastdin against eager PyTorch, torch.compile and DeepCTR-Torch",
+                              description=suite.__doc__)
+    suite.add_arguments(p)
+    p.set_defaults(run=suite.run, parser=p)
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS = [add_train, add_info, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
