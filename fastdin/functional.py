@@ -246,24 +246,24 @@ def _attention_kernels():
 
 
 def _attention_act_tensors(activation: str, act_params) -> tuple:
-    """Flatten act_params for the kernel: (tensors, per-layer Dice eps, Dice affine)."""
+    """Flatten act_params for the kernel: (tensors, Dice eps, Dice affine)."""
     if activation == "prelu":
-        return [p.reshape(-1) for p in act_params], [], False
+        return [p.reshape(-1) for p in act_params], 0.0, False
     if activation != "dice":
-        return [], [], False
+        return [], 0.0, False
     affine = act_params[0].weight is not None
     tensors = []
     for p in act_params:
         tensors += [p.alpha.reshape(-1), p.running_mean, p.running_var]
         if affine:
             tensors += [p.weight, p.bias]
-    return tensors, [float(p.eps) for p in act_params], affine
+    return tensors, float(act_params[0].eps), affine  # one eps for all layers (attention_kernel_gap)
 
 
 @torch.library.custom_op("fastdin::attention_pool", mutates_args=())
 def _attention_pool_op(
     query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], act_tensors: list[Tensor],
-    lengths: Optional[Tensor], mask: Optional[Tensor], activation: str, dice_eps: list[float],
+    lengths: Optional[Tensor], mask: Optional[Tensor], activation: str, dice_eps: float,
     dice_affine: bool, softmax: bool, return_scores: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out [B, D], scores [B, T] or empty, softmax log-sum-exp [B] fp32 or empty)."""
@@ -287,7 +287,7 @@ def _attention_pool_fake(query, keys, weights, biases, act_tensors, lengths, mas
 def _attention_pool_backward_op(
     grad_out: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor, weights: list[Tensor],
     biases: list[Tensor], act_tensors: list[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
-    lse: Tensor, delta: Optional[Tensor], activation: str, dice_eps: list[float], dice_affine: bool,
+    lse: Tensor, delta: Optional[Tensor], activation: str, dice_eps: float, dice_affine: bool,
     softmax: bool,
 ) -> list[Tensor]:
     """[dquery, dkeys, *dweights, *dbiases, *dact]; see `attention_pool_backward` in the kernels."""
@@ -327,10 +327,8 @@ def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
     query, keys, lengths, mask, out, scores, lse, *params = ctx.saved_tensors
     layers = ctx.layers
     weights, biases, act_tensors = params[:layers], params[layers:2 * layers], params[2 * layers:]
-    if grad_out is None:
+    if grad_out is None:  # only the scores were used
         grad_out = torch.zeros_like(out)
-    elif grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
     if not ctx.return_scores:
         grad_scores = None
     delta = None
@@ -351,8 +349,7 @@ def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
         None if ctx.activation == "dice" and i % per_layer in (1, 2) else next(trained)
         for i in range(len(act_tensors))
     ]
-    no_grad_eps = [None] * len(ctx.dice_eps)  # the returned structure must match the inputs'
-    return dquery, dkeys, dweights, dbiases, dact, None, None, None, no_grad_eps, None, None, None
+    return dquery, dkeys, dweights, dbiases, dact, None, None, None, None, None, None, None
 
 
 _attention_pool_op.register_autograd(_attention_pool_backward, setup_context=_attention_pool_setup_context)
@@ -398,6 +395,8 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
             return "Dice in training mode (batch statistics) inside the attention unit runs in the reference"
         if len({p.weight is None for p in act_params}) > 1:
             return "Dice layers mix affine and non-affine"
+        if len({float(p.eps) for p in act_params}) > 1:
+            return "Dice layers with different eps"
     return None
 
 

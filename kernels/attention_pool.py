@@ -236,9 +236,15 @@ def _attention_pool_fwd_kernel(
     wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
     bo = tl.load(bo_ptr).to(tl.float32)
     a_1, m_1, s_1, g_1, e_1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
-    a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
-    a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
-    a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+    a_2, m_2, s_2, g_2, e_2 = a_1, m_1, s_1, g_1, e_1  # placeholders for absent layers
+    a_3, m_3, s_3, g_3, e_3 = a_1, m_1, s_1, g_1, e_1
+    a_4, m_4, s_4, g_4, e_4 = a_1, m_1, s_1, g_1, e_1
+    if NUM_LAYERS >= 2:
+        a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
+    if NUM_LAYERS >= 3:
+        a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
+    if NUM_LAYERS >= 4:
+        a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
 
     for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
@@ -305,7 +311,7 @@ def _attention_pool_bwd_kernel(
     pw4, pb4, pa4, pg4, pe4,
     pwo, pbo,
     B, T, D, H1, H2, H3, H4, HL,
-    stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_gb, stride_gsb,
+    stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_gb, stride_gd, stride_gsb, stride_gst,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
     BLOCK_HL: tl.constexpr,
@@ -337,9 +343,15 @@ def _attention_pool_bwd_kernel(
     wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
     bo = tl.load(bo_ptr).to(tl.float32)
     a_1, m_1, s_1, g_1, e_1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
-    a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
-    a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
-    a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+    a_2, m_2, s_2, g_2, e_2 = a_1, m_1, s_1, g_1, e_1  # placeholders for absent layers
+    a_3, m_3, s_3, g_3, e_3 = a_1, m_1, s_1, g_1, e_1
+    a_4, m_4, s_4, g_4, e_4 = a_1, m_1, s_1, g_1, e_1
+    if NUM_LAYERS >= 2:
+        a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
+    if NUM_LAYERS >= 3:
+        a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
+    if NUM_LAYERS >= 4:
+        a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
 
     # accumulators over this program's users (the fold's S1, S2, U and sum of dc_b; design.md)
     S1 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
@@ -361,7 +373,7 @@ def _attention_pool_bwd_kernel(
 
     for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        g = tl.load(grad_out_ptr + b64 * stride_gb + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        g = tl.load(grad_out_ptr + b64 * stride_gb + offs_d * stride_gd, mask=dmask, other=0.0).to(tl.float32)
         W_b = wkd + q[:, None] * wp
         c_b = tl.sum(q[:, None] * wqd, axis=0) + bias1
         lse = 0.0
@@ -385,7 +397,8 @@ def _attention_pool_bwd_kernel(
             # gradient into the pooling weights w_t: k_t . g_b, plus any gradient into the returned scores
             dw = tl.sum(k * g[None, :], axis=1)
             if HAS_GRAD_SCORES:
-                dw += tl.load(grad_scores_ptr + b64 * stride_gsb + offs_t, mask=tmask, other=0.0).to(tl.float32)
+                gs_ptrs = grad_scores_ptr + b64 * stride_gsb + offs_t * stride_gst
+                dw += tl.load(gs_ptrs, mask=tmask, other=0.0).to(tl.float32)
             if SOFTMAX:
                 w = tl.where(valid, tl.exp(s - lse), 0.0)
                 ds = w * (dw - delta)
@@ -514,7 +527,7 @@ def _layer_args(weights, biases, act_tensors, activation, dice_eps, affine):
         a_stride = 0
         if activation == "prelu":
             a_stride = 0 if params[0].numel() == 1 else 1
-        eps = float(dice_eps[layer]) if activation == "dice" else 0.0
+        eps = float(dice_eps) if activation == "dice" else 0.0
         groups.append((w, b, *params[:5], w.stride(0), a_stride, eps))
     return [x for group in groups for x in group]
 
@@ -545,7 +558,7 @@ def _positions(lengths: Optional[Tensor], mask: Optional[Tensor]):
 def attention_pool_forward(
     query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
     act_tensors: Sequence[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor], activation: str,
-    dice_eps: Sequence[float], dice_affine: bool, softmax: bool, return_scores: bool,
+    dice_eps: float, dice_affine: bool, softmax: bool, return_scores: bool,
     block_t: Optional[int] = None, num_programs: Optional[int] = None,
 ):
     """Launch the forward kernel. Returns (out [B, D] in keys' dtype, scores [B, T] or an empty
@@ -584,11 +597,11 @@ def attention_pool_backward(
     grad_out: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
     weights: Sequence[Tensor], biases: Sequence[Tensor], act_tensors: Sequence[Tensor],
     lengths: Optional[Tensor], mask: Optional[Tensor], lse: Tensor, delta: Optional[Tensor], activation: str,
-    dice_eps: Sequence[float], dice_affine: bool, softmax: bool,
+    dice_eps: float, dice_affine: bool, softmax: bool,
     block_t: Optional[int] = None, num_programs: Optional[int] = None,
 ) -> List[Tensor]:
-    """Launch the backward kernel. grad_out [B, D] (stride 1 in its last dim), grad_scores [B, T] or
-    None; for softmax, lse from the forward and delta [B] fp32 = sum_t w_t dL/dw_t.
+    """Launch the backward kernel. grad_out [B, D] and grad_scores [B, T] (or None) with any strides
+    (autograd hands expanded ones, e.g. for a plain .sum()); for softmax, lse from the forward and delta [B] fp32 = sum_t w_t dL/dw_t.
 
     Returns [dquery, dkeys, *dweights, *dbiases, *dact] where dact holds per hidden layer the
     slope's gradient (prelu) or alpha's (dice), then Dice's weight and bias (affine).
@@ -624,8 +637,8 @@ def attention_pool_backward(
             weights[-1], biases[-1],
             *partial_args, partial_w[-1], partial_b[-1],
             batch, seq_len, *sizes,
-            query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, grad_out.stride(0),
-            grad_scores.stride(0) if grad_scores is not None else 0,
+            query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
+            *(grad_scores.stride() if grad_scores is not None else (0, 0)),
             HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
             HAS_GRAD_SCORES=grad_scores is not None, **meta,
         )
