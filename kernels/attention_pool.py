@@ -579,7 +579,7 @@ def attention_pool_forward(
         return out, scores.to(keys.dtype), lse
     sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t)
     lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
-    grid = (num_programs or _num_programs(batch, device, per_sm=8),)
+    grid = (num_programs or _num_programs(batch, device, per_sm=8),)  # untuned: no GPU measured yet
     _attention_pool_fwd_kernel[grid](
         query, keys, lengths, mask_bytes, out, scores, lse,
         *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
@@ -588,7 +588,7 @@ def attention_pool_forward(
         query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),
         scores.stride(0) if return_scores else 0,
         HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-        STORE_SCORES=return_scores, **meta,
+        STORE_SCORES=return_scores, num_warps=4, **meta,
     )
     return out, scores.to(keys.dtype), lse
 
@@ -609,7 +609,8 @@ def attention_pool_backward(
     batch, seq_len, dim = keys.shape
     device = keys.device
     hidden = [w.shape[0] for w in weights[:-1]]
-    programs = num_programs or _num_programs(batch, device, per_sm=2)
+    # one program per SM: few fp32 weight-gradient partials to write and sum (untuned)
+    programs = num_programs or _num_programs(batch, device, per_sm=1)
     dq = _new((batch, dim), query.dtype, device)
     dk = _new((batch, seq_len, dim), keys.dtype, device)
     partial_w = [_new((programs,) + tuple(w.shape), torch.float32, device) for w in weights]
@@ -640,7 +641,7 @@ def attention_pool_backward(
             query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
             *(grad_scores.stride() if grad_scores is not None else (0, 0)),
             HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-            HAS_GRAD_SCORES=grad_scores is not None, **meta,
+            HAS_GRAD_SCORES=grad_scores is not None, num_warps=8, **meta,
         )
     dweights = [p.sum(0).to(w.dtype) for p, w in zip(partial_w, weights)]
     dbiases = [p.sum(0).to(b.dtype) for p, b in zip(partial_b, biases)]
