@@ -24,6 +24,7 @@ MAX_HIDDEN_LAYERS = 4
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
+NUM_WARPS = 8  # untuned (no GPU measured yet); 8 keeps the fp32 tiles of 80/40 layers out of local memory
 
 
 def _new(shape, dtype, device) -> Tensor:
@@ -139,8 +140,10 @@ def _act_bwd(x, dh, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl
 def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """fp32-accumulated product; operands in DOT_DTYPE (the inputs' dtype: fp32 stays exact)."""
     if DOT_DTYPE == tl.float32:
-        return tl.dot(a, b, input_precision=PRECISION)
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+        product = tl.dot(a, b, input_precision=PRECISION)
+    else:
+        product = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+    return product
 
 
 @triton.jit
@@ -153,6 +156,28 @@ def _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt,
         flags = tl.load(mask_ptr + b64 * stride_mb + offs_t * stride_mt, mask=offs_t < T, other=0)
         valid = valid & (flags != 0)
     return valid
+
+
+@triton.jit
+def _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
+    """This user's W_b = Wk - Wd + diag(q) Wp [BLOCK_D, BLOCK_H1] and c_b = q (Wq + Wd) + b1.
+    Re-read per user (from L1/L2) rather than held in registers across the user loop."""
+    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
+    wk = _load_weight_t(w1, sw1, D, D, H1, BLOCK_D, BLOCK_H1)
+    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
+    W_b = wk - wd + q[:, None] * wp
+    c_b = tl.sum(q[:, None] * (wq + wd), axis=0) + bias1
+    return W_b, c_b
+
+
+@triton.jit
+def _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
+    """dq_b = (Wq + Wd) dc_b + rowsum(Wp * dW_b)."""
+    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
+    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
+    return tl.sum((wq + wd) * dc_b[None, :], axis=1) + tl.sum(wp * dW_b, axis=1)
 
 
 @triton.jit
@@ -215,23 +240,18 @@ def _attention_pool_fwd_kernel(
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    # weights: loaded once per program, reused for all its users
-    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
-    wk = _load_weight_t(w1, sw1, D, D, H1, BLOCK_D, BLOCK_H1)
-    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
-    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
-    wqd = wq + wd
-    wkd = wk - wd
+    # deeper layers' weights: loaded once per program in the dtype of the products, reused for all users
     bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
-    w2t, bias2, w3t, bias3, w4t, bias4 = wq, bias1, wq, bias1, wq, bias1
+    unused = tl.zeros([BLOCK_H1, BLOCK_H1], dtype=DOT_DTYPE)  # placeholders for absent layers
+    w2t, bias2, w3t, bias3, w4t, bias4 = unused, bias1, unused, bias1, unused, bias1
     if NUM_LAYERS >= 2:
-        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2)
+        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2).to(DOT_DTYPE)
         bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
     if NUM_LAYERS >= 3:
-        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3)
+        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3).to(DOT_DTYPE)
         bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
     if NUM_LAYERS >= 4:
-        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4)
+        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4).to(DOT_DTYPE)
         bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
     wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
     bo = tl.load(bo_ptr).to(tl.float32)
@@ -248,8 +268,7 @@ def _attention_pool_fwd_kernel(
 
     for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        W_b = wkd + q[:, None] * wp
-        c_b = tl.sum(q[:, None] * wqd, axis=0) + bias1
+        W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         m_i = tl.max(tl.full([BLOCK_T], -1.0e30, tl.float32), axis=0)  # running max (softmax)
         l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)  # running sum of exp (softmax)
@@ -323,22 +342,17 @@ def _attention_pool_bwd_kernel(
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
-    wk = _load_weight_t(w1, sw1, D, D, H1, BLOCK_D, BLOCK_H1)
-    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
-    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
-    wqd = wq + wd
-    wkd = wk - wd
     bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
-    w2t, bias2, w3t, bias3, w4t, bias4 = wq, bias1, wq, bias1, wq, bias1
+    unused = tl.zeros([BLOCK_H1, BLOCK_H1], dtype=DOT_DTYPE)  # placeholders for absent layers
+    w2t, bias2, w3t, bias3, w4t, bias4 = unused, bias1, unused, bias1, unused, bias1
     if NUM_LAYERS >= 2:
-        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2)
+        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2).to(DOT_DTYPE)
         bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
     if NUM_LAYERS >= 3:
-        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3)
+        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3).to(DOT_DTYPE)
         bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
     if NUM_LAYERS >= 4:
-        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4)
+        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4).to(DOT_DTYPE)
         bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
     wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
     bo = tl.load(bo_ptr).to(tl.float32)
@@ -358,9 +372,9 @@ def _attention_pool_bwd_kernel(
     S2 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
     U = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
     db1_acc = tl.zeros([BLOCK_H1], dtype=tl.float32)
-    dw2_acc = tl.zeros_like(w2t)
-    dw3_acc = tl.zeros_like(w3t)
-    dw4_acc = tl.zeros_like(w4t)
+    dw2_acc = tl.zeros([BLOCK_H1, BLOCK_H2], dtype=tl.float32)
+    dw3_acc = tl.zeros([BLOCK_H2, BLOCK_H3], dtype=tl.float32)
+    dw4_acc = tl.zeros([BLOCK_H3, BLOCK_H4], dtype=tl.float32)
     db2_acc = tl.zeros_like(bias2)
     db3_acc = tl.zeros_like(bias3)
     db4_acc = tl.zeros_like(bias4)
@@ -374,8 +388,7 @@ def _attention_pool_bwd_kernel(
     for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
         g = tl.load(grad_out_ptr + b64 * stride_gb + offs_d * stride_gd, mask=dmask, other=0.0).to(tl.float32)
-        W_b = wkd + q[:, None] * wp
-        c_b = tl.sum(q[:, None] * wqd, axis=0) + bias1
+        W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
         lse = 0.0
         delta = 0.0
         if SOFTMAX:
@@ -445,7 +458,7 @@ def _attention_pool_bwd_kernel(
         S2 += q[:, None] * dW_b
         U += q[:, None] * dc_b[None, :]
         db1_acc += dc_b
-        dq = tl.sum(wqd * dc_b[None, :], axis=1) + tl.sum(wp * dW_b, axis=1)
+        dq = _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D, BLOCK_H1)
         tl.store(dq_ptr + b64 * D + offs_d, dq, mask=dmask)
 
     # this program's partials; dWq = U, dWk = S1, dWd = U - S1, dWp = S2 (in nn.Linear layout)
@@ -508,9 +521,11 @@ def _num_programs(batch: int, device: torch.device, per_sm: int) -> int:
     return max(1, min(batch, sms * per_sm))
 
 
-def _pick_block_t(seq_len: int, widths: Sequence[int]) -> int:
-    # keep a [BLOCK_T, widest layer] fp32 tile at about 8K elements (register budget)
-    cap = max(16, min(64, 8192 // _block(max(widths))))
+def _pick_block_t(seq_len: int, widths: Sequence[int], budget: int) -> int:
+    # keep a [BLOCK_T, widest layer] fp32 tile within `budget` elements: with the 80/40 layers,
+    # ptxas (sm_90, 8 warps) showed no spills in the forward at 32 rows, and the least in the
+    # backward at 16 (no GPU timing yet)
+    cap = max(16, min(64, budget // _block(max(widths))))
     return min(cap, _block(seq_len))
 
 
@@ -532,7 +547,7 @@ def _layer_args(weights, biases, act_tensors, activation, dice_eps, affine):
     return [x for group in groups for x in group]
 
 
-def _common_meta(keys, weights, activation, affine, block_t):
+def _common_meta(keys, weights, activation, affine, block_t, tile_budget):
     seq_len, dim = keys.shape[1], keys.shape[2]
     hidden = [w.shape[0] for w in weights[:-1]]
     sizes = hidden + [hidden[-1]] * (MAX_HIDDEN_LAYERS - len(hidden))
@@ -540,7 +555,7 @@ def _common_meta(keys, weights, activation, affine, block_t):
     allow_tf32 = keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
     sizes_args = [dim] + sizes + [hidden[-1]]
     meta = dict(
-        BLOCK_T=block_t or _pick_block_t(seq_len, hidden + [dim]), BLOCK_D=_block(dim),
+        BLOCK_T=block_t or _pick_block_t(seq_len, hidden + [dim], tile_budget), BLOCK_D=_block(dim),
         BLOCK_H1=blocks[0], BLOCK_H2=blocks[1], BLOCK_H3=blocks[2], BLOCK_H4=blocks[3], BLOCK_HL=_block(hidden[-1]),
         NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
         DOT_DTYPE=_TRITON_DTYPES[keys.dtype], PRECISION="tf32" if allow_tf32 else "ieee",
@@ -577,7 +592,7 @@ def attention_pool_forward(
     lse = _new((batch,) if softmax else (0,), torch.float32, device)
     if batch == 0:
         return out, scores.to(keys.dtype), lse
-    sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t)
+    sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t, tile_budget=4096)
     lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
     grid = (num_programs or _num_programs(batch, device, per_sm=8),)  # untuned: no GPU measured yet
     _attention_pool_fwd_kernel[grid](
@@ -588,7 +603,7 @@ def attention_pool_forward(
         query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),
         scores.stride(0) if return_scores else 0,
         HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-        STORE_SCORES=return_scores, num_warps=4, **meta,
+        STORE_SCORES=return_scores, num_warps=NUM_WARPS, **meta,
     )
     return out, scores.to(keys.dtype), lse
 
@@ -624,7 +639,7 @@ def attention_pool_backward(
             if t is not None:
                 t.zero_()
     else:
-        sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t)
+        sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t, tile_budget=2048)
         lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
         partial_args = []
         for layer in range(MAX_HIDDEN_LAYERS):
@@ -641,7 +656,7 @@ def attention_pool_backward(
             query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
             *(grad_scores.stride() if grad_scores is not None else (0, 0)),
             HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-            HAS_GRAD_SCORES=grad_scores is not None, num_warps=8, **meta,
+            HAS_GRAD_SCORES=grad_scores is not None, num_warps=NUM_WARPS, **meta,
         )
     dweights = [p.sum(0).to(w.dtype) for p, w in zip(partial_w, weights)]
     dbiases = [p.sum(0).to(b.dtype) for p, b in zip(partial_b, biases)]
