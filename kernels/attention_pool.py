@@ -3,8 +3,11 @@
 For user b with candidate q and history keys k_t the MLP sees x_t = [q, k_t, q - k_t, q * k_t]. The
 first layer is folded per user (see design.md): x_t W1 + b1 = k_t W_b + c_b with
 W_b = Wk - Wd + diag(q) Wp and c_b = q (Wq + Wd) + b1, so the [B, T, 4D] concat is never built.
-The kernels read the raw `nn.Linear` weights in place; each program loads them once and then walks
-its users (grid-stride loop) tile by tile over T. The backward recomputes the activations from the
+The kernels read the raw `nn.Linear` weights in place with masked loads. Each program walks its
+users (grid-stride loop) tile by tile over T; biases and activation parameters are loaded once per
+program, the weight matrices are re-read where they are used (from L1/L2): held in registers across
+the loops they made ptxas (sm_90) spill heavily and pushed the backward of 256/128/64 layers past
+the 227 KB of shared memory an H200 block may use. The backward recomputes the activations from the
 keys (flash-attention style) and writes one fp32 partial per program for every weight gradient,
 which the launcher sums (deterministic).
 
@@ -24,7 +27,10 @@ MAX_HIDDEN_LAYERS = 4
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
-NUM_WARPS = 8  # untuned (no GPU measured yet); 8 keeps the fp32 tiles of 80/40 layers out of local memory
+# Untuned (no GPU measured yet). 8 warps halve the per-thread share of the fp32 tiles; one stage, since
+# software-pipelined weight loads multiply the shared memory a program needs.
+NUM_WARPS = 8
+NUM_STAGES = 1
 
 
 def _new(shape, dtype, device) -> Tensor:
@@ -51,6 +57,17 @@ def _load_weight_t(w_ptr, stride_row, col0, n_in, n_out, BLOCK_IN: tl.constexpr,
     ptrs = w_ptr + offs_o[None, :] * stride_row + (col0 + offs_i[:, None])
     mask = (offs_i[:, None] < n_in) & (offs_o[None, :] < n_out)
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_weight(w_ptr, stride_row, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """An nn.Linear weight as a [BLOCK_OUT, BLOCK_IN] tile in DTYPE (0 outside)."""
+    offs_o = tl.arange(0, BLOCK_OUT)
+    offs_i = tl.arange(0, BLOCK_IN)
+    ptrs = w_ptr + offs_o[:, None] * stride_row + offs_i[None, :]
+    mask = (offs_o[:, None] < n_out) & (offs_i[None, :] < n_in)
+    return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -182,8 +199,9 @@ def _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D: tl.constex
 
 @triton.jit
 def _mlp_tile(k, W_b, c_b,
-              w2t, b2, w3t, b3, w4t, b4, wo, bo,
+              w2, sw2, b2, w3, sw3, b3, w4, sw4, b4, wo, bo, H1, H2, H3, H4,
               a1, m1, s1, g1, e1, a2, m2, s2, g2, e2, a3, m3, s3, g3, e3, a4, m4, s4, g4, e4,
+              BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
               NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one [BLOCK_T, BLOCK_D] key tile, with every pre-activation x_l and activation h_l
@@ -195,14 +213,17 @@ def _mlp_tile(k, W_b, c_b,
     x4, h4 = x1, h1
     last = h1
     if NUM_LAYERS >= 2:
+        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2).to(DOT_DTYPE)
         x2 = _dot(h1, w2t, DOT_DTYPE, PRECISION) + b2[None, :]
         h2 = _act_fwd(x2, a2, m2, s2, g2, e2, ACT, AFFINE)
         last = h2
     if NUM_LAYERS >= 3:
+        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3).to(DOT_DTYPE)
         x3 = _dot(h2, w3t, DOT_DTYPE, PRECISION) + b3[None, :]
         h3 = _act_fwd(x3, a3, m3, s3, g3, e3, ACT, AFFINE)
         last = h3
     if NUM_LAYERS >= 4:
+        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4).to(DOT_DTYPE)
         x4 = _dot(h3, w4t, DOT_DTYPE, PRECISION) + b4[None, :]
         h4 = _act_fwd(x4, a4, m4, s4, g4, e4, ACT, AFFINE)
         last = h4
@@ -240,18 +261,13 @@ def _attention_pool_fwd_kernel(
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    # deeper layers' weights: loaded once per program in the dtype of the products, reused for all users
     bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
-    unused = tl.zeros([BLOCK_H1, BLOCK_H1], dtype=DOT_DTYPE)  # placeholders for absent layers
-    w2t, bias2, w3t, bias3, w4t, bias4 = unused, bias1, unused, bias1, unused, bias1
+    bias2, bias3, bias4 = bias1, bias1, bias1  # placeholders for absent layers
     if NUM_LAYERS >= 2:
-        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2).to(DOT_DTYPE)
         bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
     if NUM_LAYERS >= 3:
-        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3).to(DOT_DTYPE)
         bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
     if NUM_LAYERS >= 4:
-        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4).to(DOT_DTYPE)
         bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
     wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
     bo = tl.load(bo_ptr).to(tl.float32)
@@ -279,9 +295,9 @@ def _attention_pool_fwd_kernel(
             k_ptrs = k_ptr + b64 * stride_kb + offs_t.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
             k = tl.load(k_ptrs, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
             s, _x1, _h1, _x2, _h2, _x3, _h3, _x4, _h4, _last = _mlp_tile(
-                k, W_b, c_b, w2t, bias2, w3t, bias3, w4t, bias4, wo, bo,
+                k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
                 a_1, m_1, s_1, g_1, e_1, a_2, m_2, s_2, g_2, e_2, a_3, m_3, s_3, g_3, e_3, a_4, m_4, s_4, g_4, e_4,
-                NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
+                BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
             if SOFTMAX:
                 # online softmax over the valid positions; masked ones get exactly 0
                 s = tl.where(valid, s, -1.0e30)
@@ -343,16 +359,12 @@ def _attention_pool_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
-    unused = tl.zeros([BLOCK_H1, BLOCK_H1], dtype=DOT_DTYPE)  # placeholders for absent layers
-    w2t, bias2, w3t, bias3, w4t, bias4 = unused, bias1, unused, bias1, unused, bias1
+    bias2, bias3, bias4 = bias1, bias1, bias1  # placeholders for absent layers
     if NUM_LAYERS >= 2:
-        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2).to(DOT_DTYPE)
         bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
     if NUM_LAYERS >= 3:
-        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3).to(DOT_DTYPE)
         bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
     if NUM_LAYERS >= 4:
-        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4).to(DOT_DTYPE)
         bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
     wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
     bo = tl.load(bo_ptr).to(tl.float32)
@@ -404,9 +416,9 @@ def _attention_pool_bwd_kernel(
             tile_mask = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32)
             s, x1, h1, x2, h2, x3, h3, x4, h4, last = _mlp_tile(
-                k, W_b, c_b, w2t, bias2, w3t, bias3, w4t, bias4, wo, bo,
+                k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
                 a_1, m_1, s_1, g_1, e_1, a_2, m_2, s_2, g_2, e_2, a_3, m_3, s_3, g_3, e_3, a_4, m_4, s_4, g_4, e_4,
-                NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
+                BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
             # gradient into the pooling weights w_t: k_t . g_b, plus any gradient into the returned scores
             dw = tl.sum(k * g[None, :], axis=1)
             if HAS_GRAD_SCORES:
@@ -428,7 +440,7 @@ def _attention_pool_bwd_kernel(
                 de4_acc += de
                 dw4_acc += _dot(tl.trans(h3), G, DOT_DTYPE, PRECISION)
                 db4_acc += tl.sum(G, axis=0)
-                dh = _dot(G, tl.trans(w4t), DOT_DTYPE, PRECISION)
+                dh = _dot(G, _load_weight(w4, sw4, H3, H4, BLOCK_H3, BLOCK_H4, DOT_DTYPE), DOT_DTYPE, PRECISION)
             if NUM_LAYERS >= 3:
                 G, da, dg, de = _act_bwd(x3, dh, a_3, m_3, s_3, g_3, e_3, ACT, AFFINE)
                 da3_acc += da
@@ -436,7 +448,7 @@ def _attention_pool_bwd_kernel(
                 de3_acc += de
                 dw3_acc += _dot(tl.trans(h2), G, DOT_DTYPE, PRECISION)
                 db3_acc += tl.sum(G, axis=0)
-                dh = _dot(G, tl.trans(w3t), DOT_DTYPE, PRECISION)
+                dh = _dot(G, _load_weight(w3, sw3, H2, H3, BLOCK_H2, BLOCK_H3, DOT_DTYPE), DOT_DTYPE, PRECISION)
             if NUM_LAYERS >= 2:
                 G, da, dg, de = _act_bwd(x2, dh, a_2, m_2, s_2, g_2, e_2, ACT, AFFINE)
                 da2_acc += da
@@ -444,7 +456,7 @@ def _attention_pool_bwd_kernel(
                 de2_acc += de
                 dw2_acc += _dot(tl.trans(h1), G, DOT_DTYPE, PRECISION)
                 db2_acc += tl.sum(G, axis=0)
-                dh = _dot(G, tl.trans(w2t), DOT_DTYPE, PRECISION)
+                dh = _dot(G, _load_weight(w2, sw2, H1, H2, BLOCK_H1, BLOCK_H2, DOT_DTYPE), DOT_DTYPE, PRECISION)
             G, da, dg, de = _act_bwd(x1, dh, a_1, m_1, s_1, g_1, e_1, ACT, AFFINE)
             da1_acc += da
             dg1_acc += dg
@@ -603,7 +615,7 @@ def attention_pool_forward(
         query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),
         scores.stride(0) if return_scores else 0,
         HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-        STORE_SCORES=return_scores, num_warps=NUM_WARPS, **meta,
+        STORE_SCORES=return_scores, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
     )
     return out, scores.to(keys.dtype), lse
 
@@ -656,7 +668,7 @@ def attention_pool_backward(
             query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
             *(grad_scores.stride() if grad_scores is not None else (0, 0)),
             HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-            HAS_GRAD_SCORES=grad_scores is not None, num_warps=NUM_WARPS, **meta,
+            HAS_GRAD_SCORES=grad_scores is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
         )
     dweights = [p.sum(0).to(w.dtype) for p, w in zip(partial_w, weights)]
     dbiases = [p.sum(0).to(b.dtype) for p, b in zip(partial_b, biases)]
