@@ -377,9 +377,11 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
 def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
     """None when the fused Triton kernel covers this attention case, else why none does.
 
-    Covered: keys float32/float16/bfloat16, D <= 256, 1 to 4 hidden layers of width <= 512, activations
-    sigmoid, relu, prelu and Dice in eval mode (running statistics), lengths or mask, normalization
-    None or softmax, scores. Training-mode Dice (batch statistics) runs in the reference.
+    Covered: keys float32/float16/bfloat16, D <= 256, 1 to 4 hidden layers of width <= 512 where the
+    program fits the GPU's shared memory (estimated; wide first layers with a large D do not, e.g.
+    D = 128 with 256/128 layers on an H200), activations sigmoid, relu, prelu and Dice in eval mode
+    (running statistics), lengths or mask, normalization None or softmax, scores. Training-mode Dice
+    (batch statistics) runs in the reference.
     """
     if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"keys dtype {keys.dtype}: the kernel takes float32, float16 or bfloat16"
@@ -390,6 +392,13 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
         return f"{len(hidden)} hidden layers > 4"
     if max(hidden) > 512:
         return f"hidden width {max(hidden)} > 512"
+    if keys.is_cuda and HAS_TRITON:
+        props = torch.cuda.get_device_properties(keys.device)
+        limit = getattr(props, "shared_memory_per_block_optin", 232448)
+        needed = _attention_kernels().shared_memory_estimate(keys.shape[-1], hidden, keys.dtype)
+        if needed > limit:
+            return (f"D = {keys.shape[-1]} with hidden sizes {hidden} needs about {needed // 1024} KB of shared "
+                    f"memory per program, more than the {limit // 1024} KB this GPU allows")
     if activation == "dice":
         if any(p.training for p in act_params):
             return "Dice in training mode (batch statistics) inside the attention unit runs in the reference"

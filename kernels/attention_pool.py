@@ -523,6 +523,21 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
+def shared_memory_estimate(dim: int, hidden: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of shared memory a program of the backward (the larger kernel) needs on sm_90.
+
+    A fit to ptxas builds for sm_90 (bf16: D=32 80/40 -> 50 KB, D=64 256/128/64 -> 196 KB, D=64 512 ->
+    160 KB, D=128 256/128 -> 260 KB; fp32 D=64 256/128/64 -> 220 KB): the operands of the products
+    dominate, first the folded first layer (D x H1), then the deeper layers' weights.
+    """
+    blocks = [_block(h) for h in hidden]
+    fold = _block(dim) * blocks[0]
+    deeper = sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
+    rows = _pick_block_t(1 << 30, list(hidden) + [dim], budget=2048) * (_block(dim) + sum(blocks))
+    estimate = 5 * fold + 3.125 * deeper + 1.5 * rows
+    return int(estimate * (1.1 if dtype == torch.float32 else 1.0))
+
+
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 

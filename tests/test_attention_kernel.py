@@ -315,3 +315,16 @@ def test_empty_batch():
     assert out.shape == (0, 5) and scores.shape == (0, 3)
     grads = torch.autograd.grad(out.sum() + scores.sum(), x["weights"])
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_shared_memory_estimate_matches_ptxas_builds():
+    """The estimate behind attention_kernel_gap's shared-memory reason, against sm_90 ptxas builds
+    of the backward (bytes): it must admit what fits an H200 (227 KB) and refuse what does not."""
+    h200 = 232448
+    estimate = attention_kernels.shared_memory_estimate
+    measured = [((32, (80, 40), torch.bfloat16), 51200), ((64, (256, 128, 64), torch.bfloat16), 200704),
+                ((64, (512,), torch.bfloat16), 163840), ((128, (256, 128), torch.bfloat16), 266240)]
+    for args, bytes_ in measured:
+        assert (estimate(*args) <= h200) == (bytes_ <= h200), args
+        assert abs(estimate(*args) - bytes_) < 0.15 * bytes_, args
+    assert estimate(256, (512, 512, 512, 512), torch.float16) > h200
