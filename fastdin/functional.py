@@ -246,9 +246,178 @@ def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, trainin
 # ops
 
 
+# The fused attention kernel as torch.library ops (one graph node for torch.compile), with autograd.
+# The kernel module is imported lazily: triton may be missing, and TRITON_INTERPRET must be set first.
+
+
+def _attention_kernels():
+    from fastdin.kernels import attention_pool as attention_kernels
+
+    return attention_kernels
+
+
+def _attention_act_tensors(activation: str, act_params) -> tuple:
+    """Flatten act_params for the kernel: (tensors, Dice eps, Dice affine)."""
+    if activation == "prelu":
+        return [p.reshape(-1) for p in act_params], 0.0, False
+    if activation != "dice":
+        return [], 0.0, False
+    affine = act_params[0].weight is not None
+    tensors = []
+    for p in act_params:
+        tensors += [p.alpha.reshape(-1), p.running_mean, p.running_var]
+        if affine:
+            tensors += [p.weight, p.bias]
+    return tensors, float(act_params[0].eps), affine  # one eps for all layers (attention_kernel_gap)
+
+
+@torch.library.custom_op("fastdin::attention_pool", mutates_args=())
+def _attention_pool_op(
+    query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], act_tensors: list[Tensor],
+    lengths: Optional[Tensor], mask: Optional[Tensor], activation: str, dice_eps: float,
+    dice_affine: bool, softmax: bool, return_scores: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, D], scores [B, T] or empty, softmax log-sum-exp [B] fp32 or empty)."""
+    return _attention_kernels().attention_pool_forward(
+        query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
+        softmax, return_scores,
+    )
+
+
+@_attention_pool_op.register_fake
+def _attention_pool_fake(query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps,
+                         dice_affine, softmax, return_scores):
+    batch, seq_len, dim = keys.shape
+    out = keys.new_empty((batch, dim))
+    scores = keys.new_empty((batch, seq_len) if return_scores else (0,))
+    lse = keys.new_empty((batch,) if softmax else (0,), dtype=torch.float32)
+    return out, scores, lse
+
+
+@torch.library.custom_op("fastdin::attention_pool_backward", mutates_args=())
+def _attention_pool_backward_op(
+    grad_out: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor, weights: list[Tensor],
+    biases: list[Tensor], act_tensors: list[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
+    lse: Tensor, delta: Optional[Tensor], activation: str, dice_eps: float, dice_affine: bool,
+    softmax: bool,
+) -> list[Tensor]:
+    """[dquery, dkeys, *dweights, *dbiases, *dact]; see `attention_pool_backward` in the kernels."""
+    return _attention_kernels().attention_pool_backward(
+        grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
+        activation, dice_eps, dice_affine, softmax,
+    )
+
+
+def _trainable_act_tensors(activation: str, act_tensors: Sequence[Tensor], dice_affine: bool) -> list:
+    """The act tensors that get a gradient (PReLU slopes; Dice alpha, weight, bias), in kernel order."""
+    if activation != "dice":
+        return list(act_tensors)
+    per_layer = 5 if dice_affine else 3
+    return [t for i, t in enumerate(act_tensors) if i % per_layer not in (1, 2)]  # not the running stats
+
+
+@_attention_pool_backward_op.register_fake
+def _attention_pool_backward_fake(grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths,
+                                  mask, lse, delta, activation, dice_eps, dice_affine, softmax):
+    grads = [query.new_empty(query.shape), keys.new_empty(keys.shape)]
+    grads += [t.new_empty(t.shape) for t in [*weights, *biases]]
+    grads += [t.new_empty(t.shape) for t in _trainable_act_tensors(activation, act_tensors, dice_affine)]
+    return grads
+
+
+def _attention_pool_setup_context(ctx, inputs, output):
+    (query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine, softmax,
+     return_scores) = inputs
+    out, scores, lse = output
+    ctx.save_for_backward(query, keys, lengths, mask, out, scores, lse, *weights, *biases, *act_tensors)
+    ctx.layers, ctx.activation, ctx.dice_eps, ctx.dice_affine = len(weights), activation, dice_eps, dice_affine
+    ctx.softmax, ctx.return_scores = softmax, return_scores
+
+
+def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
+    query, keys, lengths, mask, out, scores, lse, *params = ctx.saved_tensors
+    layers = ctx.layers
+    weights, biases, act_tensors = params[:layers], params[layers:2 * layers], params[2 * layers:]
+    if grad_out is None:  # only the scores were used
+        grad_out = torch.zeros_like(out)
+    if not ctx.return_scores:
+        grad_scores = None
+    delta = None
+    if ctx.softmax:
+        # sum_t w_t dL/dw_t = out . g (+ scores . grad_scores): the softmax backward needs only this per row
+        delta = (out.float() * grad_out.float()).sum(-1)
+        if grad_scores is not None:
+            delta = delta + (scores.float() * grad_scores.float()).sum(-1)
+    grads = _attention_pool_backward_op(
+        grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
+        ctx.activation, ctx.dice_eps, ctx.dice_affine, ctx.softmax,
+    )
+    dquery, dkeys = grads[0], grads[1]
+    dweights, dbiases = grads[2:2 + layers], grads[2 + layers:2 + 2 * layers]
+    trained = iter(grads[2 + 2 * layers:])
+    per_layer = 5 if ctx.dice_affine else 3
+    dact = [
+        None if ctx.activation == "dice" and i % per_layer in (1, 2) else next(trained)
+        for i in range(len(act_tensors))
+    ]
+    return dquery, dkeys, dweights, dbiases, dact, None, None, None, None, None, None, None
+
+
+_attention_pool_op.register_autograd(_attention_pool_backward, setup_context=_attention_pool_setup_context)
+
+
+def _attention_pool_triton(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
+                           return_scores):
+    """Run the fused kernel (inputs already checked); returns (out [B, D], scores [B, T] or None)."""
+    if keys.is_cuda and torch.is_autocast_enabled("cuda"):
+        # run in the autocast dtype; the kernel reads the weights as they are and converts them
+        dtype = torch.get_autocast_dtype("cuda")
+        query, keys = query.to(dtype), keys.to(dtype)
+    # the kernel takes any strides except in the last dim (keys expanded over B stay a view)
+    query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]
+    weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
+    biases = [b if b.stride(-1) == 1 else b.contiguous() for b in biases]
+    act_tensors, dice_eps, dice_affine = _attention_act_tensors(activation, act_params)
+    out, scores, _lse = _attention_pool_op(
+        query, keys, list(weights), list(biases), act_tensors, lengths, mask, activation, dice_eps, dice_affine,
+        normalization == "softmax", return_scores,
+    )
+    return out, (scores if return_scores else None)
+
+
 def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
-    """None when a Triton kernel covers this attention case, else why none does."""
-    return "the fused attention kernel has not been written yet"
+    """None when the fused Triton kernel covers this attention case, else why none does.
+
+    Covered: keys float32/float16/bfloat16, D <= 256, 1 to 4 hidden layers of width <= 512 where the
+    program fits the GPU's shared memory (estimated; wide first layers with a large D do not, e.g.
+    D = 128 with 256/128 layers on an H200), activations sigmoid, relu, prelu and Dice in eval mode
+    (running statistics), lengths or mask, normalization None or softmax, scores. Training-mode Dice
+    (batch statistics) runs in the reference.
+    """
+    if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"keys dtype {keys.dtype}: the kernel takes float32, float16 or bfloat16"
+    if keys.shape[-1] > 256:
+        return f"embedding dim D = {keys.shape[-1]} > 256"
+    hidden = [w.shape[0] for w in weights[:-1]]
+    if len(hidden) > 4:
+        return f"{len(hidden)} hidden layers > 4"
+    if max(hidden) > 512:
+        return f"hidden width {max(hidden)} > 512"
+    if keys.is_cuda and HAS_TRITON:
+        props = torch.cuda.get_device_properties(keys.device)
+        limit = getattr(props, "shared_memory_per_block_optin", 232448)
+        needed = _attention_kernels().shared_memory_estimate(keys.shape[-1], hidden, keys.dtype)
+        if needed > limit:
+            return (f"D = {keys.shape[-1]} with hidden sizes {hidden} needs about {needed // 1024} KB of shared "
+                    f"memory per program, more than the {limit // 1024} KB this GPU allows")
+    if activation == "dice":
+        if any(p.training for p in act_params):
+            return "Dice in training mode (batch statistics) inside the attention unit runs in the reference"
+        if len({p.weight is None for p in act_params}) > 1:
+            return "Dice layers mix affine and non-affine"
+        if len({float(p.eps) for p in act_params}) > 1:
+            return "Dice layers with different eps"
+    return None
 
 
 def dice_kernel_gap(x: Tensor, training: bool) -> Optional[str]:
@@ -293,14 +462,17 @@ def attention_pool(
     )
     gap = attention_kernel_gap(keys, weights, activation, act_params)
     chosen = choose_backend(backend, keys.device, gap, "attention_pool")
-    if chosen == "triton":  # pragma: no cover - replaced when the kernel lands
-        raise AssertionError("unreachable: no attention kernel is registered")
-    result = reference.attention_pool(
-        query2d, keys, _match_weight_dtype(weights, keys.dtype), _match_weight_dtype(biases, keys.dtype),
-        activation=activation, act_params=act_params, lengths=lengths, mask=mask,
-        normalization=normalization, return_scores=return_scores, dice_stats=dice_stats,
-    )
-    out, scores = result if return_scores else (result, None)
+    if chosen == "triton":
+        out, scores = _attention_pool_triton(
+            query2d, keys, weights, biases, activation, act_params, lengths, mask, normalization, return_scores
+        )
+    else:
+        result = reference.attention_pool(
+            query2d, keys, _match_weight_dtype(weights, keys.dtype), _match_weight_dtype(biases, keys.dtype),
+            activation=activation, act_params=act_params, lengths=lengths, mask=mask,
+            normalization=normalization, return_scores=return_scores, dice_stats=dice_stats,
+        )
+        out, scores = result if return_scores else (result, None)
     if query_rank == 3:
         out = out.unsqueeze(1)
     return (out, scores) if return_scores else out

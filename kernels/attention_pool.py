@@ -1,0 +1,701 @@
+"""Fused DIN local activation unit: attention MLP + mask + (softmax) + weighted sum, forward and backward.
+
+For user b with candidate q and history keys k_t the MLP sees x_t = [q, k_t, q - k_t, q * k_t]. The
+first layer is folded per user (see design.md): x_t W1 + b1 = k_t W_b + c_b with
+W_b = Wk - Wd + diag(q) Wp and c_b = q (Wq + Wd) + b1, so the [B, T, 4D] concat is never built.
+The kernels read the raw `nn.Linear` weights in place with masked loads. Each program walks its
+users (grid-stride loop) tile by tile over T; biases and activation parameters are loaded once per
+program, the weight matrices are re-read where they are used (from L1/L2): held in registers across
+the loops they made ptxas (sm_90) spill heavily and pushed the backward of 256/128/64 layers past
+the 227 KB of shared memory an H200 block may use. The backward recomputes the activations from the
+keys (flash-attention style) and writes one fp32 partial per program for every weight gradient,
+which the launcher sums (deterministic).
+
+Only Triton lives here: no autograd, no modules.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
+MAX_HIDDEN_LAYERS = 4
+
+# Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
+POISON_OUTPUTS = False
+# Untuned (no GPU measured yet). 8 warps halve the per-thread share of the fp32 tiles; one stage, since
+# software-pipelined weight loads multiply the shared memory a program needs.
+NUM_WARPS = 8
+NUM_STAGES = 1
+
+
+def _new(shape, dtype, device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _load_vec(ptr, n, stride, BLOCK: tl.constexpr, other: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    return tl.load(ptr + offs * stride, mask=offs < n, other=other).to(tl.float32)
+
+
+@triton.jit
+def _load_weight_t(w_ptr, stride_row, col0, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    """W^T[i, o] = w[o, col0 + i] of an nn.Linear weight, as an fp32 [BLOCK_IN, BLOCK_OUT] tile (0 outside)."""
+    offs_i = tl.arange(0, BLOCK_IN)
+    offs_o = tl.arange(0, BLOCK_OUT)
+    ptrs = w_ptr + offs_o[None, :] * stride_row + (col0 + offs_i[:, None])
+    mask = (offs_i[:, None] < n_in) & (offs_o[None, :] < n_out)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_weight(w_ptr, stride_row, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """An nn.Linear weight as a [BLOCK_OUT, BLOCK_IN] tile in DTYPE (0 outside)."""
+    offs_o = tl.arange(0, BLOCK_OUT)
+    offs_i = tl.arange(0, BLOCK_IN)
+    ptrs = w_ptr + offs_o[:, None] * stride_row + offs_i[None, :]
+    mask = (offs_o[:, None] < n_out) & (offs_i[None, :] < n_in)
+    return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _store_weight_grad(ptr, grad_t, col0, row_stride, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    """Store a [BLOCK_IN, BLOCK_OUT] gradient of W^T into an nn.Linear-layout [n_out, row_stride] partial."""
+    offs_i = tl.arange(0, BLOCK_IN)
+    offs_o = tl.arange(0, BLOCK_OUT)
+    ptrs = ptr + offs_o[None, :] * row_stride + (col0 + offs_i[:, None])
+    tl.store(ptrs, grad_t, mask=(offs_i[:, None] < n_in) & (offs_o[None, :] < n_out))
+
+
+@triton.jit
+def _store_vec(ptr, vec, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(ptr + offs, vec, mask=offs < n)
+
+
+@triton.jit
+def _load_act(a_ptr, a_stride, m_ptr, v_ptr, g_ptr, e_ptr, eps, n, BLOCK: tl.constexpr, ACT: tl.constexpr,
+              AFFINE: tl.constexpr):
+    """Per-feature activation parameters: (PReLU slope or Dice alpha, Dice mean, 1/std, weight, bias)."""
+    zeros = tl.zeros([BLOCK], dtype=tl.float32)
+    a, mean, inv_std, gamma, beta = zeros, zeros, zeros, zeros, zeros
+    if ACT == 2:
+        a = _load_vec(a_ptr, n, a_stride, BLOCK, 0.0)
+    if ACT == 3:
+        a = _load_vec(a_ptr, n, 1, BLOCK, 0.0)
+        mean = _load_vec(m_ptr, n, 1, BLOCK, 0.0)
+        inv_std = 1.0 / tl.sqrt(_load_vec(v_ptr, n, 1, BLOCK, 1.0) + eps)
+        if AFFINE:
+            gamma = _load_vec(g_ptr, n, 1, BLOCK, 0.0)
+            beta = _load_vec(e_ptr, n, 1, BLOCK, 0.0)
+    return a, mean, inv_std, gamma, beta
+
+
+@triton.jit
+def _dice_gate(x, mean, inv_std, gamma, beta, AFFINE: tl.constexpr):
+    z = (x - mean[None, :]) * inv_std[None, :]
+    if AFFINE:
+        z = z * gamma[None, :] + beta[None, :]
+    return tl.sigmoid(z)
+
+
+@triton.jit
+def _act_fwd(x, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.constexpr):
+    if ACT == 0:
+        h = tl.sigmoid(x)
+    elif ACT == 1:
+        h = tl.maximum(x, 0.0)
+    elif ACT == 2:
+        h = tl.where(x > 0, x, a[None, :] * x)
+    else:
+        p = _dice_gate(x, mean, inv_std, gamma, beta, AFFINE)
+        h = p * x + (1.0 - p) * a[None, :] * x
+    return h
+
+
+@triton.jit
+def _act_bwd(x, dh, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.constexpr):
+    """Gradient into the pre-activation x, and per-feature gradients (summed over the tile) of
+    (slope or alpha, Dice weight, Dice bias)."""
+    da = tl.sum(tl.zeros_like(x), axis=0)
+    dgamma, dbeta = da, da
+    if ACT == 0:
+        h = tl.sigmoid(x)
+        dx = dh * h * (1.0 - h)
+    elif ACT == 1:
+        dx = tl.where(x > 0, dh, 0.0)
+    elif ACT == 2:
+        dx = tl.where(x > 0, dh, a[None, :] * dh)
+        da = tl.sum(tl.where(x > 0, 0.0, x * dh), axis=0)
+    else:
+        p = _dice_gate(x, mean, inv_std, gamma, beta, AFFINE)
+        # f = x (a + p (1 - a)); dp/dz = p (1 - p); dz/dx = inv_std (* gamma)
+        dz = dh * x * (1.0 - a[None, :]) * p * (1.0 - p)
+        slope = inv_std[None, :]
+        if AFFINE:
+            slope = slope * gamma[None, :]
+            dgamma = tl.sum(dz * (x - mean[None, :]) * inv_std[None, :], axis=0)
+            dbeta = tl.sum(dz, axis=0)
+        dx = dh * (a[None, :] + p * (1.0 - a[None, :])) + dz * slope
+        da = tl.sum(dh * x * (1.0 - p), axis=0)
+    return dx, da, dgamma, dbeta
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32-accumulated product; operands in DOT_DTYPE (the inputs' dtype: fp32 stays exact)."""
+    if DOT_DTYPE == tl.float32:
+        product = tl.dot(a, b, input_precision=PRECISION)
+    else:
+        product = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+    return product
+
+
+@triton.jit
+def _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt,
+                     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr):
+    valid = offs_t < T
+    if HAS_LENGTHS:
+        valid = valid & (offs_t < tl.load(len_ptr + b64))
+    if HAS_MASK:
+        flags = tl.load(mask_ptr + b64 * stride_mb + offs_t * stride_mt, mask=offs_t < T, other=0)
+        valid = valid & (flags != 0)
+    return valid
+
+
+@triton.jit
+def _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
+    """This user's W_b = Wk - Wd + diag(q) Wp [BLOCK_D, BLOCK_H1] and c_b = q (Wq + Wd) + b1.
+    Re-read per user (from L1/L2) rather than held in registers across the user loop."""
+    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
+    wk = _load_weight_t(w1, sw1, D, D, H1, BLOCK_D, BLOCK_H1)
+    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
+    W_b = wk - wd + q[:, None] * wp
+    c_b = tl.sum(q[:, None] * (wq + wd), axis=0) + bias1
+    return W_b, c_b
+
+
+@triton.jit
+def _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
+    """dq_b = (Wq + Wd) dc_b + rowsum(Wp * dW_b)."""
+    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
+    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
+    return tl.sum((wq + wd) * dc_b[None, :], axis=1) + tl.sum(wp * dW_b, axis=1)
+
+
+@triton.jit
+def _mlp_tile(k, W_b, c_b,
+              w2, sw2, b2, w3, sw3, b3, w4, sw4, b4, wo, bo, H1, H2, H3, H4,
+              a1, m1, s1, g1, e1, a2, m2, s2, g2, e2, a3, m3, s3, g3, e3, a4, m4, s4, g4, e4,
+              BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
+              NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one [BLOCK_T, BLOCK_D] key tile, with every pre-activation x_l and activation h_l
+    (layers past NUM_LAYERS repeat the last ones; they are not used)."""
+    x1 = _dot(k, W_b, DOT_DTYPE, PRECISION) + c_b[None, :]
+    h1 = _act_fwd(x1, a1, m1, s1, g1, e1, ACT, AFFINE)
+    x2, h2 = x1, h1
+    x3, h3 = x1, h1
+    x4, h4 = x1, h1
+    last = h1
+    if NUM_LAYERS >= 2:
+        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2).to(DOT_DTYPE)
+        x2 = _dot(h1, w2t, DOT_DTYPE, PRECISION) + b2[None, :]
+        h2 = _act_fwd(x2, a2, m2, s2, g2, e2, ACT, AFFINE)
+        last = h2
+    if NUM_LAYERS >= 3:
+        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3).to(DOT_DTYPE)
+        x3 = _dot(h2, w3t, DOT_DTYPE, PRECISION) + b3[None, :]
+        h3 = _act_fwd(x3, a3, m3, s3, g3, e3, ACT, AFFINE)
+        last = h3
+    if NUM_LAYERS >= 4:
+        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4).to(DOT_DTYPE)
+        x4 = _dot(h3, w4t, DOT_DTYPE, PRECISION) + b4[None, :]
+        h4 = _act_fwd(x4, a4, m4, s4, g4, e4, ACT, AFFINE)
+        last = h4
+    s = tl.sum(last * wo[None, :], axis=1) + bo
+    return s, x1, h1, x2, h2, x3, h3, x4, h4, last
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+#
+# Argument groups shared by both kernels. Per hidden layer l (1..4): w{l} the nn.Linear weight
+# (row stride sw{l}), b{l} its bias, a{l} the PReLU slope (stride sa{l}: 0 for one shared slope) or
+# the Dice alpha, m{l}/v{l} the Dice running mean/var, g{l}/e{l} the Dice affine weight/bias. Unused
+# pointers are passed as None.
+
+
+@triton.jit
+def _attention_pool_fwd_kernel(
+    q_ptr, k_ptr, len_ptr, mask_ptr, out_ptr, scores_ptr, lse_ptr,
+    w1, b1, a1, m1, v1, g1, e1, sw1, sa1, eps1,
+    w2, b2, a2, m2, v2, g2, e2, sw2, sa2, eps2,
+    w3, b3, a3, m3, v3, g3, e3, sw3, sa3, eps3,
+    w4, b4, a4, m4, v4, g4, e4, sw4, sa4, eps4,
+    wo_ptr, bo_ptr,
+    B, T, D, H1, H2, H3, H4, HL,
+    stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_ob, stride_sb,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
+    BLOCK_HL: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, STORE_SCORES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
+    bias2, bias3, bias4 = bias1, bias1, bias1  # placeholders for absent layers
+    if NUM_LAYERS >= 2:
+        bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
+    if NUM_LAYERS >= 3:
+        bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
+    if NUM_LAYERS >= 4:
+        bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
+    wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
+    bo = tl.load(bo_ptr).to(tl.float32)
+    a_1, m_1, s_1, g_1, e_1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
+    a_2, m_2, s_2, g_2, e_2 = a_1, m_1, s_1, g_1, e_1  # placeholders for absent layers
+    a_3, m_3, s_3, g_3, e_3 = a_1, m_1, s_1, g_1, e_1
+    a_4, m_4, s_4, g_4, e_4 = a_1, m_1, s_1, g_1, e_1
+    if NUM_LAYERS >= 2:
+        a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
+    if NUM_LAYERS >= 3:
+        a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
+    if NUM_LAYERS >= 4:
+        a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+
+    for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
+        q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        m_i = tl.max(tl.full([BLOCK_T], -1.0e30, tl.float32), axis=0)  # running max (softmax)
+        l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)  # running sum of exp (softmax)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tmask = offs_t < T
+            valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK)
+            k_ptrs = k_ptr + b64 * stride_kb + offs_t.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
+            k = tl.load(k_ptrs, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            s, _x1, _h1, _x2, _h2, _x3, _h3, _x4, _h4, _last = _mlp_tile(
+                k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
+                a_1, m_1, s_1, g_1, e_1, a_2, m_2, s_2, g_2, e_2, a_3, m_3, s_3, g_3, e_3, a_4, m_4, s_4, g_4, e_4,
+                BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
+            if SOFTMAX:
+                # online softmax over the valid positions; masked ones get exactly 0
+                s = tl.where(valid, s, -1.0e30)
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                p = tl.where(valid, tl.exp(s - m_new), 0.0)
+                correction = tl.exp(m_i - m_new)
+                l_i = l_i * correction + tl.sum(p, axis=0)
+                acc = acc * correction + tl.sum(p[:, None] * k, axis=0)
+                m_i = m_new
+            else:
+                s = tl.where(valid, s, 0.0)
+                acc += tl.sum(s[:, None] * k, axis=0)
+            if STORE_SCORES:  # softmax: raw scores for now (fp32 buffer), normalised below
+                tl.store(scores_ptr + b64 * stride_sb + offs_t, s, mask=tmask)
+        if SOFTMAX:
+            has_valid = l_i > 0
+            l_safe = tl.where(has_valid, l_i, 1.0)
+            acc = tl.where(has_valid, acc / l_safe, 0.0)  # a row with no valid position gives zeros
+            lse = tl.where(has_valid, m_i + tl.log(l_safe), 0.0)
+            tl.store(lse_ptr + b64, lse)
+            if STORE_SCORES:
+                tl.debug_barrier()  # the raw scores above were written by other threads of this program
+                for t0 in range(0, T, BLOCK_T):
+                    offs_t = t0 + tl.arange(0, BLOCK_T)
+                    tmask = offs_t < T
+                    valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt,
+                                             HAS_LENGTHS, HAS_MASK)
+                    s = tl.load(scores_ptr + b64 * stride_sb + offs_t, mask=tmask, other=0.0)
+                    tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.where(valid, tl.exp(s - lse), 0.0), mask=tmask)
+        tl.store(out_ptr + b64 * stride_ob + offs_d, acc, mask=dmask)
+
+
+@triton.jit
+def _attention_pool_bwd_kernel(
+    q_ptr, k_ptr, len_ptr, mask_ptr, grad_out_ptr, grad_scores_ptr, lse_ptr, delta_ptr,
+    dq_ptr, dk_ptr,
+    w1, b1, a1, m1, v1, g1, e1, sw1, sa1, eps1,
+    w2, b2, a2, m2, v2, g2, e2, sw2, sa2, eps2,
+    w3, b3, a3, m3, v3, g3, e3, sw3, sa3, eps3,
+    w4, b4, a4, m4, v4, g4, e4, sw4, sa4, eps4,
+    wo_ptr, bo_ptr,
+    # per-program fp32 partials: weight [P, H_l, fan_in], bias [P, H_l], act params [P, H_l] x 3
+    pw1, pb1, pa1, pg1, pe1,
+    pw2, pb2, pa2, pg2, pe2,
+    pw3, pb3, pa3, pg3, pe3,
+    pw4, pb4, pa4, pg4, pe4,
+    pwo, pbo,
+    B, T, D, H1, H2, H3, H4, HL,
+    stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_gb, stride_gd, stride_gsb, stride_gst,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
+    BLOCK_HL: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
+    bias2, bias3, bias4 = bias1, bias1, bias1  # placeholders for absent layers
+    if NUM_LAYERS >= 2:
+        bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
+    if NUM_LAYERS >= 3:
+        bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
+    if NUM_LAYERS >= 4:
+        bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
+    wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
+    bo = tl.load(bo_ptr).to(tl.float32)
+    a_1, m_1, s_1, g_1, e_1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
+    a_2, m_2, s_2, g_2, e_2 = a_1, m_1, s_1, g_1, e_1  # placeholders for absent layers
+    a_3, m_3, s_3, g_3, e_3 = a_1, m_1, s_1, g_1, e_1
+    a_4, m_4, s_4, g_4, e_4 = a_1, m_1, s_1, g_1, e_1
+    if NUM_LAYERS >= 2:
+        a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
+    if NUM_LAYERS >= 3:
+        a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
+    if NUM_LAYERS >= 4:
+        a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+
+    # accumulators over this program's users (the fold's S1, S2, U and sum of dc_b; design.md)
+    S1 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+    S2 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+    U = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+    db1_acc = tl.zeros([BLOCK_H1], dtype=tl.float32)
+    dw2_acc = tl.zeros([BLOCK_H1, BLOCK_H2], dtype=tl.float32)
+    dw3_acc = tl.zeros([BLOCK_H2, BLOCK_H3], dtype=tl.float32)
+    dw4_acc = tl.zeros([BLOCK_H3, BLOCK_H4], dtype=tl.float32)
+    db2_acc = tl.zeros_like(bias2)
+    db3_acc = tl.zeros_like(bias3)
+    db4_acc = tl.zeros_like(bias4)
+    da1_acc, dg1_acc, de1_acc = tl.zeros_like(a_1), tl.zeros_like(a_1), tl.zeros_like(a_1)
+    da2_acc, dg2_acc, de2_acc = tl.zeros_like(a_2), tl.zeros_like(a_2), tl.zeros_like(a_2)
+    da3_acc, dg3_acc, de3_acc = tl.zeros_like(a_3), tl.zeros_like(a_3), tl.zeros_like(a_3)
+    da4_acc, dg4_acc, de4_acc = tl.zeros_like(a_4), tl.zeros_like(a_4), tl.zeros_like(a_4)
+    dwo_acc = tl.zeros([BLOCK_HL], dtype=tl.float32)
+    dbo_acc = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+
+    for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
+        q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        g = tl.load(grad_out_ptr + b64 * stride_gb + offs_d * stride_gd, mask=dmask, other=0.0).to(tl.float32)
+        W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
+        lse = 0.0
+        delta = 0.0
+        if SOFTMAX:
+            lse = tl.load(lse_ptr + b64)
+            delta = tl.load(delta_ptr + b64)  # sum_t w_t dL/dw_t = out_b . g_b (+ scores . grad_scores)
+        dW_b = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
+        dc_b = tl.zeros([BLOCK_H1], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tmask = offs_t < T
+            valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK)
+            tile_offs = b64 * stride_kb + offs_t.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
+            tile_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32)
+            s, x1, h1, x2, h2, x3, h3, x4, h4, last = _mlp_tile(
+                k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
+                a_1, m_1, s_1, g_1, e_1, a_2, m_2, s_2, g_2, e_2, a_3, m_3, s_3, g_3, e_3, a_4, m_4, s_4, g_4, e_4,
+                BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
+            # gradient into the pooling weights w_t: k_t . g_b, plus any gradient into the returned scores
+            dw = tl.sum(k * g[None, :], axis=1)
+            if HAS_GRAD_SCORES:
+                gs_ptrs = grad_scores_ptr + b64 * stride_gsb + offs_t * stride_gst
+                dw += tl.load(gs_ptrs, mask=tmask, other=0.0).to(tl.float32)
+            if SOFTMAX:
+                w = tl.where(valid, tl.exp(s - lse), 0.0)
+                ds = w * (dw - delta)
+            else:
+                w = tl.where(valid, s, 0.0)
+                ds = tl.where(valid, dw, 0.0)
+            dwo_acc += tl.sum(ds[:, None] * last, axis=0)
+            dbo_acc += tl.sum(ds, axis=0)
+            dh = ds[:, None] * wo[None, :]
+            if NUM_LAYERS >= 4:
+                G, da, dg, de = _act_bwd(x4, dh, a_4, m_4, s_4, g_4, e_4, ACT, AFFINE)
+                da4_acc += da
+                dg4_acc += dg
+                de4_acc += de
+                dw4_acc += _dot(tl.trans(h3), G, DOT_DTYPE, PRECISION)
+                db4_acc += tl.sum(G, axis=0)
+                dh = _dot(G, _load_weight(w4, sw4, H3, H4, BLOCK_H3, BLOCK_H4, DOT_DTYPE), DOT_DTYPE, PRECISION)
+            if NUM_LAYERS >= 3:
+                G, da, dg, de = _act_bwd(x3, dh, a_3, m_3, s_3, g_3, e_3, ACT, AFFINE)
+                da3_acc += da
+                dg3_acc += dg
+                de3_acc += de
+                dw3_acc += _dot(tl.trans(h2), G, DOT_DTYPE, PRECISION)
+                db3_acc += tl.sum(G, axis=0)
+                dh = _dot(G, _load_weight(w3, sw3, H2, H3, BLOCK_H2, BLOCK_H3, DOT_DTYPE), DOT_DTYPE, PRECISION)
+            if NUM_LAYERS >= 2:
+                G, da, dg, de = _act_bwd(x2, dh, a_2, m_2, s_2, g_2, e_2, ACT, AFFINE)
+                da2_acc += da
+                dg2_acc += dg
+                de2_acc += de
+                dw2_acc += _dot(tl.trans(h1), G, DOT_DTYPE, PRECISION)
+                db2_acc += tl.sum(G, axis=0)
+                dh = _dot(G, _load_weight(w2, sw2, H1, H2, BLOCK_H1, BLOCK_H2, DOT_DTYPE), DOT_DTYPE, PRECISION)
+            G, da, dg, de = _act_bwd(x1, dh, a_1, m_1, s_1, g_1, e_1, ACT, AFFINE)
+            da1_acc += da
+            dg1_acc += dg
+            de1_acc += de
+            dW_b += _dot(tl.trans(k), G, DOT_DTYPE, PRECISION)
+            dc_b += tl.sum(G, axis=0)
+            dk = _dot(G, tl.trans(W_b), DOT_DTYPE, PRECISION) + w[:, None] * g[None, :]
+            dk_offs = b64 * T * D + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
+            tl.store(dk_ptr + dk_offs, dk, mask=tile_mask)
+        S1 += dW_b
+        S2 += q[:, None] * dW_b
+        U += q[:, None] * dc_b[None, :]
+        db1_acc += dc_b
+        dq = _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D, BLOCK_H1)
+        tl.store(dq_ptr + b64 * D + offs_d, dq, mask=dmask)
+
+    # this program's partials; dWq = U, dWk = S1, dWd = U - S1, dWp = S2 (in nn.Linear layout)
+    pid64 = pid.to(tl.int64)
+    pw1_p = pw1 + pid64 * H1 * 4 * D
+    _store_weight_grad(pw1_p, U, 0, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+    _store_weight_grad(pw1_p, S1, D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+    _store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+    _store_weight_grad(pw1_p, S2, 3 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+    _store_vec(pb1 + pid64 * H1, db1_acc, H1, BLOCK_H1)
+    if NUM_LAYERS >= 2:
+        _store_weight_grad(pw2 + pid64 * H2 * H1, dw2_acc, 0, H1, H1, H2, BLOCK_H1, BLOCK_H2)
+        _store_vec(pb2 + pid64 * H2, db2_acc, H2, BLOCK_H2)
+    if NUM_LAYERS >= 3:
+        _store_weight_grad(pw3 + pid64 * H3 * H2, dw3_acc, 0, H2, H2, H3, BLOCK_H2, BLOCK_H3)
+        _store_vec(pb3 + pid64 * H3, db3_acc, H3, BLOCK_H3)
+    if NUM_LAYERS >= 4:
+        _store_weight_grad(pw4 + pid64 * H4 * H3, dw4_acc, 0, H3, H3, H4, BLOCK_H3, BLOCK_H4)
+        _store_vec(pb4 + pid64 * H4, db4_acc, H4, BLOCK_H4)
+    if ACT >= 2:  # PReLU slopes or Dice alpha
+        _store_vec(pa1 + pid64 * H1, da1_acc, H1, BLOCK_H1)
+        if NUM_LAYERS >= 2:
+            _store_vec(pa2 + pid64 * H2, da2_acc, H2, BLOCK_H2)
+        if NUM_LAYERS >= 3:
+            _store_vec(pa3 + pid64 * H3, da3_acc, H3, BLOCK_H3)
+        if NUM_LAYERS >= 4:
+            _store_vec(pa4 + pid64 * H4, da4_acc, H4, BLOCK_H4)
+    if AFFINE:
+        _store_vec(pg1 + pid64 * H1, dg1_acc, H1, BLOCK_H1)
+        _store_vec(pe1 + pid64 * H1, de1_acc, H1, BLOCK_H1)
+        if NUM_LAYERS >= 2:
+            _store_vec(pg2 + pid64 * H2, dg2_acc, H2, BLOCK_H2)
+            _store_vec(pe2 + pid64 * H2, de2_acc, H2, BLOCK_H2)
+        if NUM_LAYERS >= 3:
+            _store_vec(pg3 + pid64 * H3, dg3_acc, H3, BLOCK_H3)
+            _store_vec(pe3 + pid64 * H3, de3_acc, H3, BLOCK_H3)
+        if NUM_LAYERS >= 4:
+            _store_vec(pg4 + pid64 * H4, dg4_acc, H4, BLOCK_H4)
+            _store_vec(pe4 + pid64 * H4, de4_acc, H4, BLOCK_H4)
+    _store_vec(pwo + pid64 * HL, dwo_acc, HL, BLOCK_HL)
+    tl.store(pbo + pid, dbo_acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+def _block(n: int) -> int:
+    """tl.dot needs every dimension >= 16."""
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def shared_memory_estimate(dim: int, hidden: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of shared memory a program of the backward (the larger kernel) needs on sm_90.
+
+    A fit to ptxas builds for sm_90 (bf16: D=32 80/40 -> 50 KB, D=64 256/128/64 -> 196 KB, D=64 512 ->
+    160 KB, D=128 256/128 -> 260 KB; fp32 D=64 256/128/64 -> 220 KB): the operands of the products
+    dominate, first the folded first layer (D x H1), then the deeper layers' weights.
+    """
+    blocks = [_block(h) for h in hidden]
+    fold = _block(dim) * blocks[0]
+    deeper = sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
+    rows = _pick_block_t(1 << 30, list(hidden) + [dim], budget=2048) * (_block(dim) + sum(blocks))
+    estimate = 5 * fold + 3.125 * deeper + 1.5 * rows
+    return int(estimate * (1.1 if dtype == torch.float32 else 1.0))
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _num_programs(batch: int, device: torch.device, per_sm: int) -> int:
+    if device.type != "cuda":
+        return max(1, min(batch, 2))  # the interpreter pays ~1 ms per program instance
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(batch, sms * per_sm))
+
+
+def _pick_block_t(seq_len: int, widths: Sequence[int], budget: int) -> int:
+    # keep a [BLOCK_T, widest layer] fp32 tile within `budget` elements: with the 80/40 layers,
+    # ptxas (sm_90, 8 warps) showed no spills in the forward at 32 rows, and the least in the
+    # backward at 16 (no GPU timing yet)
+    cap = max(16, min(64, budget // _block(max(widths))))
+    return min(cap, _block(seq_len))
+
+
+def _layer_args(weights, biases, act_tensors, activation, dice_eps, affine):
+    """The per-hidden-layer argument groups (w, b, a, m, v, g, e, row stride, slope stride, eps), 4 of them."""
+    per_layer = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 5 if affine else 3}[activation]
+    groups = []
+    for layer in range(MAX_HIDDEN_LAYERS):
+        if layer >= len(weights) - 1:
+            groups.append((None,) * 7 + (0, 0, 0.0))
+            continue
+        w, b = weights[layer], biases[layer]
+        params = list(act_tensors[layer * per_layer:(layer + 1) * per_layer]) + [None] * 5
+        a_stride = 0
+        if activation == "prelu":
+            a_stride = 0 if params[0].numel() == 1 else 1
+        eps = float(dice_eps) if activation == "dice" else 0.0
+        groups.append((w, b, *params[:5], w.stride(0), a_stride, eps))
+    return [x for group in groups for x in group]
+
+
+def _common_meta(keys, weights, activation, affine, block_t, tile_budget):
+    seq_len, dim = keys.shape[1], keys.shape[2]
+    hidden = [w.shape[0] for w in weights[:-1]]
+    sizes = hidden + [hidden[-1]] * (MAX_HIDDEN_LAYERS - len(hidden))
+    blocks = [_block(h) for h in sizes]
+    allow_tf32 = keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    sizes_args = [dim] + sizes + [hidden[-1]]
+    meta = dict(
+        BLOCK_T=block_t or _pick_block_t(seq_len, hidden + [dim], tile_budget), BLOCK_D=_block(dim),
+        BLOCK_H1=blocks[0], BLOCK_H2=blocks[1], BLOCK_H3=blocks[2], BLOCK_H4=blocks[3], BLOCK_HL=_block(hidden[-1]),
+        NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
+        DOT_DTYPE=_TRITON_DTYPES[keys.dtype], PRECISION="tf32" if allow_tf32 else "ieee",
+    )
+    return sizes_args, meta
+
+
+def _positions(lengths: Optional[Tensor], mask: Optional[Tensor]):
+    # a bool mask is read as bytes (a view, no copy)
+    mask_bytes = mask.view(torch.uint8) if mask is not None else None
+    mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    return lengths, mask_bytes, mask_strides
+
+
+def attention_pool_forward(
+    query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
+    act_tensors: Sequence[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor], activation: str,
+    dice_eps: float, dice_affine: bool, softmax: bool, return_scores: bool,
+    block_t: Optional[int] = None, num_programs: Optional[int] = None,
+):
+    """Launch the forward kernel. Returns (out [B, D] in keys' dtype, scores [B, T] or an empty
+    tensor, lse [B] fp32 or an empty tensor; lse is the softmax log-sum-exp the backward needs).
+
+    query [B, D] and keys [B, T, D] must have stride 1 in their last dim (keys may be expanded, e.g.
+    stride 0 over B); weights are read in place (stride 1 in their last dim). act_tensors per hidden
+    layer: [slope] for prelu, [alpha, running_mean, running_var(, weight, bias)] for dice in eval.
+    """
+    batch, seq_len, dim = keys.shape
+    device = keys.device
+    out = _new((batch, dim), keys.dtype, device)
+    # softmax scores are normalised in place after the pass over T: keep them fp32 until then
+    scores_dtype = torch.float32 if softmax else keys.dtype
+    scores = _new((batch, seq_len) if return_scores else (0,), scores_dtype, device)
+    lse = _new((batch,) if softmax else (0,), torch.float32, device)
+    if batch == 0:
+        return out, scores.to(keys.dtype), lse
+    sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t, tile_budget=4096)
+    lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
+    grid = (num_programs or _num_programs(batch, device, per_sm=8),)  # untuned: no GPU measured yet
+    _attention_pool_fwd_kernel[grid](
+        query, keys, lengths, mask_bytes, out, scores, lse,
+        *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
+        weights[-1], biases[-1],
+        batch, seq_len, *sizes,
+        query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),
+        scores.stride(0) if return_scores else 0,
+        HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
+        STORE_SCORES=return_scores, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+    )
+    return out, scores.to(keys.dtype), lse
+
+
+def attention_pool_backward(
+    grad_out: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
+    weights: Sequence[Tensor], biases: Sequence[Tensor], act_tensors: Sequence[Tensor],
+    lengths: Optional[Tensor], mask: Optional[Tensor], lse: Tensor, delta: Optional[Tensor], activation: str,
+    dice_eps: float, dice_affine: bool, softmax: bool,
+    block_t: Optional[int] = None, num_programs: Optional[int] = None,
+) -> List[Tensor]:
+    """Launch the backward kernel. grad_out [B, D] and grad_scores [B, T] (or None) with any strides
+    (autograd hands expanded ones, e.g. for a plain .sum()); for softmax, lse from the forward and delta [B] fp32 = sum_t w_t dL/dw_t.
+
+    Returns [dquery, dkeys, *dweights, *dbiases, *dact] where dact holds per hidden layer the
+    slope's gradient (prelu) or alpha's (dice), then Dice's weight and bias (affine).
+    """
+    batch, seq_len, dim = keys.shape
+    device = keys.device
+    hidden = [w.shape[0] for w in weights[:-1]]
+    # one program per SM: few fp32 weight-gradient partials to write and sum (untuned)
+    programs = num_programs or _num_programs(batch, device, per_sm=1)
+    dq = _new((batch, dim), query.dtype, device)
+    dk = _new((batch, seq_len, dim), keys.dtype, device)
+    partial_w = [_new((programs,) + tuple(w.shape), torch.float32, device) for w in weights]
+    partial_b = [_new((programs, w.shape[0]), torch.float32, device) for w in weights]
+    with_alpha = activation in ("prelu", "dice")
+    partial_a = [_new((programs, h), torch.float32, device) if with_alpha else None for h in hidden]
+    partial_g = [_new((programs, h), torch.float32, device) if dice_affine else None for h in hidden]
+    partial_e = [_new((programs, h), torch.float32, device) if dice_affine else None for h in hidden]
+    if batch == 0:
+        for t in [dq, dk, *partial_w, *partial_b, *partial_a, *partial_g, *partial_e]:
+            if t is not None:
+                t.zero_()
+    else:
+        sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t, tile_budget=2048)
+        lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
+        partial_args = []
+        for layer in range(MAX_HIDDEN_LAYERS):
+            if layer < len(hidden):
+                partial_args += [partial_w[layer], partial_b[layer], partial_a[layer], partial_g[layer], partial_e[layer]]
+            else:
+                partial_args += [None] * 5
+        _attention_pool_bwd_kernel[(programs,)](
+            query, keys, lengths, mask_bytes, grad_out, grad_scores, lse, delta, dq, dk,
+            *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
+            weights[-1], biases[-1],
+            *partial_args, partial_w[-1], partial_b[-1],
+            batch, seq_len, *sizes,
+            query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
+            *(grad_scores.stride() if grad_scores is not None else (0, 0)),
+            HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
+            HAS_GRAD_SCORES=grad_scores is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+        )
+    dweights = [p.sum(0).to(w.dtype) for p, w in zip(partial_w, weights)]
+    dbiases = [p.sum(0).to(b.dtype) for p, b in zip(partial_b, biases)]
+    dact = []
+    per_layer = {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
+    for layer in range(len(hidden)):
+        params = act_tensors[layer * per_layer:(layer + 1) * per_layer]
+        if activation == "prelu":
+            slope = params[0]
+            grad = partial_a[layer].sum(0)
+            dact.append((grad.sum() if slope.numel() == 1 else grad).reshape(slope.shape).to(slope.dtype))
+        elif activation == "dice":
+            dact.append(partial_a[layer].sum(0).reshape(params[0].shape).to(params[0].dtype))
+            if dice_affine:
+                dact.append(partial_g[layer].sum(0).reshape(params[3].shape).to(params[3].dtype))
+                dact.append(partial_e[layer].sum(0).reshape(params[4].shape).to(params[4].dtype))
+    return [dq, dk, *dweights, *dbiases, *dact]
