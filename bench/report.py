@@ -5,7 +5,7 @@ import os
 from typing import Dict, Sequence
 
 COLUMNS = [
-    "date", "device", "torch", "triton", "case", "shape", "mode", "dtype", "impl", "backend",
+    "date", "device", "torch", "triton", "value_checks", "case", "shape", "mode", "dtype", "impl", "backend",
     "ms", "peak_mib", "gflop", "mbytes", "tflops", "flops_frac", "gbps", "bw_frac",
     "speedup_vs_eager", "speedup_vs_compile", "rel_err_vs_eager",
     "ceiling_tflops", "ceiling_gbps", "note",

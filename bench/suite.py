@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from fastdin import functional
 from fastdin.bench import report
 from fastdin.bench.cases import IMPLS, MODES, Workload, deepctr_available, relative_error, select_cases
 from fastdin.bench.measure import DTYPES, Budget, device_name, measure_ceilings, median_ms, peak_extra_mib
@@ -33,6 +34,9 @@ def _names(text: str, allowed: Sequence[str], option: str) -> List[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and short timing (CI's smoke run)")
+    parser.add_argument("--value-checks", action="store_true",
+                        help="keep fastdin's checks of tensor values (lengths in [0, T]) on while timing; each "
+                             "costs a device sync on CUDA (default: off, as a tuned training loop runs)")
     parser.add_argument("--cases", default="", help="comma-separated case keys (default: all, see bench/README.md)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
@@ -87,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases = select_cases(args.quick, [c for c in args.cases.split(",") if c], sweep=not args.no_sweep)
     budget = _budget(args.quick)
+    # Every implementation goes through fastdin.functional; its value checks sync with the GPU, so
+    # they are off unless asked for, for all implementations alike, and the CSV says which.
+    functional.set_value_checks(args.value_checks)
 
     name = device_name(device)
     ceilings = measure_ceilings(device, dtypes, args.quick, budget)
@@ -99,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         triton_version = ""
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": name, "torch": torch.__version__, "triton": triton_version}
+            "device": name, "torch": torch.__version__, "triton": triton_version,
+            "value_checks": args.value_checks}
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, _slug(name) + ("-quick" if args.quick else ""))
 
