@@ -496,6 +496,13 @@ def dice(
     check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask)
     chosen = choose_backend(backend, x.device, dice_kernel_gap(x, training), "dice")
     if chosen == "triton":
+        if torch.compiler.is_compiling():  # one opaque graph node; eager skips the custom-op dispatch cost
+            out, _stats, new_mean, new_var = _dice_op(x, alpha, weight, bias, running_mean, running_var, mask,
+                                                      training, momentum, eps)
+            if training:
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+            return out
         return _DiceFunction.apply(x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps)
     return reference.dice(
         x, alpha, running_mean, running_var, weight=weight, bias=bias, training=training,
@@ -532,3 +539,64 @@ class _DiceFunction(torch.autograd.Function):
         dx, dalpha, dweight, dbias = dice_kernels.dice_backward(grad_out, x, mask, alpha, weight, bias, stats,
                                                                 ctx.training)
         return dx, dalpha, dweight, dbias, None, None, None, None, None, None
+
+
+# The same kernels as torch.library ops, so torch.compile(fullgraph=True) and export trace through Dice.
+# Eager calls go through _DiceFunction: a custom op's dispatch cost several times the host time of an
+# autograd.Function per call (measured on CPU), which matters at launch-bound sizes.
+
+
+@torch.library.custom_op("fastdin::dice", mutates_args=())
+def _dice_op(
+    x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+    running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: float, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, fp32 [3, H] statistics for the backward, new running mean, new running var).
+
+    Functional (an op with autograd may not mutate), so the kernel updates copies of the running
+    statistics, [H] each, and the caller copies them back.
+    """
+    from fastdin.kernels import dice as dice_kernels
+
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    out, stats = dice_kernels.dice_forward(x, alpha, weight, bias, new_mean, new_var, mask, training, momentum, eps)
+    return out, stats, new_mean, new_var
+
+
+@_dice_op.register_fake
+def _dice_fake(x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
+    stats = x.new_empty((3, x.shape[-1]), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, running_mean.new_empty(running_mean.shape), running_var.new_empty(running_var.shape)
+
+
+@torch.library.custom_op("fastdin::dice_backward", mutates_args=())
+def _dice_backward_op(
+    grad_out: Tensor, x: Tensor, mask: Optional[Tensor], alpha: Tensor, weight: Optional[Tensor],
+    bias: Optional[Tensor], stats: Tensor, training: bool,
+) -> list[Tensor]:
+    """[dx, dalpha] plus [dweight, dbias] with affine."""
+    from fastdin.kernels import dice as dice_kernels
+
+    grads = dice_kernels.dice_backward(grad_out, x, mask, alpha, weight, bias, stats, training)
+    return [g for g in grads if g is not None]
+
+
+@_dice_backward_op.register_fake
+def _dice_backward_fake(grad_out, x, mask, alpha, weight, bias, stats, training):
+    return [t.new_empty(t.shape) for t in (x, alpha, weight, bias) if t is not None]
+
+
+def _dice_op_setup_context(ctx, inputs, output):
+    x, alpha, weight, bias, _running_mean, _running_var, mask, training, _momentum, _eps = inputs
+    ctx.save_for_backward(x, mask, alpha, weight, bias, output[1])
+    ctx.training = training
+
+
+def _dice_op_backward(ctx, grad_out, _grad_stats, _grad_mean, _grad_var):
+    x, mask, alpha, weight, bias, stats = ctx.saved_tensors
+    grads = _dice_backward_op(grad_out, x, mask, alpha, weight, bias, stats, ctx.training)
+    dweight, dbias = grads[2:] if weight is not None else (None, None)
+    return grads[0], grads[1], dweight, dbias, None, None, None, None, None, None
+
+
+_dice_op.register_autograd(_dice_op_backward, setup_context=_dice_op_setup_context)
