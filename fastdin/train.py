@@ -27,6 +27,8 @@ def make_optimizers(model: nn.Module, lr: float, name: str = "adam") -> List[tor
     update. SGD and Adagrad take sparse gradients (`nn.Embedding(sparse=True)`) as they are. Adam
     does not, so the weights of sparse embeddings go to `SparseAdam` and the rest to `Adam`; every
     gradient those weights receive must then stay sparse (`FullL2Regularizer` makes it dense).
+    SparseAdam also differs from Adam in two details: a row absent from the batch does not move
+    (Adam moves it by its momentum), and eps is added before the bias correction.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
