@@ -111,7 +111,7 @@ def main():
                          "test_logloss": round(epoch["test_logloss"], 5), "test_auc": round(epoch["test_auc"], 5),
                          "wall_s": round(wall, 1)})
         label = variant if lam is None else f"{variant} {lam:g}"
-        print(f"  {label:<10} " + "  ".join(f"{e['test_logloss']:.4f}" for e in result["epochs"])
+        print(f"  {label:<10} test logloss " + "  ".join(f"{r['test_logloss']:.4f}" for r in rows[-args.epochs:])
               + f"   ({wall:.0f} s)", flush=True)
 
     print_table(rows, args.epochs)
