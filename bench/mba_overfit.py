@@ -13,8 +13,7 @@ counted in one pass over the training rows first) and full-table L2 for each of 
 prints the test logloss and AUC after every epoch and appends one row per variant and epoch to
 bench/results/mba_overfit_<cpu|cuda>.csv, with the CPU/GPU name, torch version, date and command.
 
-    python bench/mba_overfit.py                         # about 2 minutes on one CPU thread
-    python bench/mba_overfit.py --optimizer sgd --lr 1  # plain SGD: the paper's exact MBA update
+    python bench/mba_overfit.py          # about 2 minutes on one CPU thread
 """
 import argparse
 import csv
