@@ -57,7 +57,7 @@ def add_train(subparsers) -> None:
     p.add_argument("--epochs", type=_positive_int, default=2, help="passes over the training rows")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="training rows per optimizer step")
     p.add_argument("--lr", type=_positive_float, default=3e-3,
-                   help="learning rate (tuned for adam; sgd needs a much larger one)")
+                   help="learning rate (the default suits adam; give sgd and adagrad their own)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="sgd is plain SGD: with --mba-lambda, the paper's exact update")
     p.add_argument("--sparse-embeddings", action="store_true",
@@ -125,11 +125,11 @@ def run_train(args: argparse.Namespace) -> int:
     elif args.l2 is not None:
         regularizer = FullL2Regularizer(model.embedding_tables(), args.l2)
         regularization = {"regularizer": "l2", "reg_lambda": args.l2}
+    sparse = " (sparse embeddings)" if args.sparse_embeddings else ""
+    lam = "" if regularizer is None else f" lambda {regularization['reg_lambda']:g}"
     print(f"fastdin train: DIN pooling={args.pooling} backend={args.backend} device={device}, "
           f"{args.train_size} train rows x {args.epochs} epochs, {args.test_size} test rows, "
-          f"optimizer {args.optimizer}{' (sparse embeddings)' if args.sparse_embeddings else ''}, "
-          f"regularizer {regularization['regularizer']}"
-          f"{'' if regularizer is None else ' lambda ' + str(regularization['reg_lambda'])}")
+          f"optimizer {args.optimizer}{sparse}, regularizer {regularization['regularizer']}{lam}")
     try:
         metrics = train(
             model, train_stream, data.stream("test", args.test_size, TEST_BATCH_SIZE),
