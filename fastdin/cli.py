@@ -18,7 +18,8 @@ from fastdin import functional
 from fastdin.data import SyntheticConfig, SyntheticDIN
 from fastdin.layers import AttentionPooling
 from fastdin.model import DIN, POOLINGS
-from fastdin.train import auto_device, train
+from fastdin.regularization import FullL2Regularizer, MBARegularizer
+from fastdin.train import OPTIMIZERS, auto_device, train
 
 
 def _positive_int(text: str) -> int:
@@ -55,7 +56,19 @@ def add_train(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--epochs", type=_positive_int, default=2, help="passes over the training rows")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="training rows per optimizer step")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=_positive_float, default=3e-3,
+                   help="learning rate (the default suits adam; give sgd and adagrad their own)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="sgd is plain SGD: with --mba-lambda, the paper's exact update")
+    p.add_argument("--sparse-embeddings", action="store_true",
+                   help="sparse embedding gradients (only the batch's rows); adam then uses SparseAdam for them")
+    regularization = p.add_mutually_exclusive_group()
+    regularization.add_argument(
+        "--mba-lambda", type=_positive_float, metavar="L",
+        help="mini-batch aware regularization of the embeddings (DIN paper, 4.1) with lambda L; the id "
+             "frequencies are counted in one pass over the training rows first")
+    regularization.add_argument("--l2", type=_positive_float, metavar="L",
+                                help="plain L2 on the whole embedding tables, every step, with lambda L")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the model's initialisation")
     p.add_argument("--train-size", type=_positive_int, default=80_000, help="training rows per epoch")
     p.add_argument("--test-size", type=_positive_int, default=20_000, help="test rows")
@@ -95,29 +108,48 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.backend == "triton" and not functional.triton_runnable(device):
         args.parser.error(f"--backend triton needs a CUDA device and triton installed; the device is {device}")
+    if args.l2 is not None and args.sparse_embeddings and args.optimizer == "adam":
+        args.parser.error("--l2 makes the embedding gradients dense, which SparseAdam (adam with "
+                          "--sparse-embeddings) cannot take; use --optimizer sgd or adagrad, or --mba-lambda")
     data_config = SyntheticConfig(max_history=args.max_history, seed=args.seed, user_features=args.user_features)
     data = SyntheticDIN(data_config)
-    model_config = dict(data.vocab_sizes(), embed_dim=args.embed_dim, pooling=args.pooling, backend=args.backend)
+    model_config = dict(data.vocab_sizes(), embed_dim=args.embed_dim, pooling=args.pooling, backend=args.backend,
+                        sparse_embeddings=args.sparse_embeddings)
     torch.manual_seed(args.seed)
     model = DIN(**model_config)
+    train_stream = data.stream("train", args.train_size, args.batch_size)
+    regularizer, regularization = None, {"regularizer": "none", "reg_lambda": None}
+    if args.mba_lambda is not None:
+        regularizer = MBARegularizer.from_batches(model, train_stream, args.mba_lambda, progress=not args.no_progress)
+        regularization = {"regularizer": "mba", "reg_lambda": args.mba_lambda}
+    elif args.l2 is not None:
+        regularizer = FullL2Regularizer(model.embedding_tables(), args.l2)
+        regularization = {"regularizer": "l2", "reg_lambda": args.l2}
+    sparse = " (sparse embeddings)" if args.sparse_embeddings else ""
+    lam = "" if regularizer is None else f" lambda {regularization['reg_lambda']:g}"
     print(f"fastdin train: DIN pooling={args.pooling} backend={args.backend} device={device}, "
-          f"{args.train_size} train rows x {args.epochs} epochs, {args.test_size} test rows")
+          f"{args.train_size} train rows x {args.epochs} epochs, {args.test_size} test rows, "
+          f"optimizer {args.optimizer}{sparse}, regularizer {regularization['regularizer']}{lam}")
     try:
         metrics = train(
-            model, data.stream("train", args.train_size, args.batch_size),
-            data.stream("test", args.test_size, TEST_BATCH_SIZE),
-            epochs=args.epochs, lr=args.lr, device=device, progress=not args.no_progress,
+            model, train_stream, data.stream("test", args.test_size, TEST_BATCH_SIZE),
+            epochs=args.epochs, lr=args.lr, device=device, optimizer=args.optimizer,
+            after_backward=regularizer, progress=not args.no_progress,
         )
     except NotImplementedError as error:  # backend="triton" where no kernel covers the case
         args.parser.error(str(error))
     metrics.update(pooling=args.pooling, backend=args.backend, seed=args.seed, batch_size=args.batch_size,
-                   user_features=args.user_features,
-                   train_size=args.train_size, test_size=args.test_size)
+                   user_features=args.user_features, train_size=args.train_size, test_size=args.test_size,
+                   lr=args.lr, optimizer=args.optimizer, sparse_embeddings=args.sparse_embeddings, **regularization)
     print(f"test AUC {metrics['test_auc']:.4f}, test logloss {metrics['test_logloss']:.4f}, "
           f"wall time {metrics['wall_time_s']:.1f} s")
     if args.save is not None:
-        torch.save({"state_dict": model.state_dict(), "model_config": model_config,
-                    "data_config": vars(data_config)}, args.save)
+        checkpoint = {"state_dict": model.state_dict(), "model_config": model_config,
+                      "data_config": vars(data_config), "regularization": regularization}
+        if isinstance(regularizer, MBARegularizer):
+            # n_j per table: rebuild with MBARegularizer(model.embedding_tables(), mba_counts, lam)
+            checkpoint["mba_counts"] = {name: c.cpu() for name, c in regularizer.frequencies().items()}
+        torch.save(checkpoint, args.save)
         print(f"saved the model to {args.save}")
     if args.metrics_out is not None:
         args.metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")

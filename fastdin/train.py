@@ -1,4 +1,4 @@
-"""The training loop: Adam on binary cross-entropy, test AUC and logloss after each epoch."""
+"""The training loop: binary cross-entropy with Adam, SGD or Adagrad; test AUC and logloss after each epoch."""
 import math
 import time
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
@@ -17,9 +17,31 @@ def auto_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The optimizer of `train`; the one place to change it (e.g. for sparse embedding gradients)."""
-    return torch.optim.Adam(model.parameters(), lr=lr)
+OPTIMIZERS = ("adam", "sgd", "adagrad")
+
+
+def make_optimizers(model: nn.Module, lr: float, name: str = "adam") -> List[torch.optim.Optimizer]:
+    """The optimizers of `train`: one, or two for Adam with sparse embedding gradients.
+
+    "sgd" is plain SGD (no momentum, no weight decay): with `MBARegularizer` it is the paper's exact
+    update. SGD and Adagrad take sparse gradients (`nn.Embedding(sparse=True)`) as they are. Adam
+    does not, so the weights of sparse embeddings go to `SparseAdam` and the rest to `Adam`; every
+    gradient those weights receive must then stay sparse (`FullL2Regularizer` makes it dense).
+    SparseAdam also differs from Adam in two details: a row absent from the batch does not move
+    (Adam moves it by its momentum), and eps is added before the bias correction.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "sgd":
+        return [torch.optim.SGD(model.parameters(), lr=lr)]
+    if name == "adagrad":
+        return [torch.optim.Adagrad(model.parameters(), lr=lr)]
+    sparse = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse]
+    optimizers = [torch.optim.Adam(dense, lr=lr)] if dense else []
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(list(sparse.values()), lr=lr))
+    return optimizers
 
 
 def to_device(batch: Batch, device: torch.device) -> Dict[str, Tensor]:
@@ -51,6 +73,7 @@ def train(
     epochs: int = 1,
     lr: float = 1e-3,
     device: Union[str, torch.device, None] = None,
+    optimizer: str = "adam",
     after_backward: Optional[Callable[[nn.Module, Batch], None]] = None,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = print,
@@ -60,7 +83,8 @@ def train(
     train_batches and test_batches must be re-iterable (a list, or `SyntheticDIN.stream`). Each
     batch is a dict of tensors with a float "label"; the model maps a batch to logits.
     after_backward(model, batch) runs after `loss.backward()` and before the optimizer step, with
-    the batch on the device (e.g. to add a regularizer's gradient).
+    the batch on the device (e.g. to add a regularizer's gradient). optimizer: "adam", "sgd" or
+    "adagrad" (see `make_optimizers`).
 
     Returns {"test_auc", "test_logloss": after the last epoch, "train_loss": the mean loss of each
     epoch, "epochs": per epoch {"epoch", "train_loss", "test_auc", "test_logloss"},
@@ -70,7 +94,7 @@ def train(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     device = auto_device() if device is None else torch.device(device)
     model.to(device)
-    optimizer = make_optimizer(model, lr)
+    optimizers = make_optimizers(model, lr, optimizer)
     per_epoch: List[Dict[str, float]] = []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -80,11 +104,12 @@ def train(
         for batch in bar:
             batch = to_device(batch, device)
             loss = F.binary_cross_entropy_with_logits(model(batch), batch["label"])
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
                 after_backward(model, batch)
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
             # .item() syncs with the GPU; once per step is cheap next to a DIN step
             loss_value = loss.item()
             if not math.isfinite(loss_value):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fastdin import functional
+from fastdin import MBARegularizer, count_frequencies, functional
 from fastdin.cli import TEST_BATCH_SIZE, main
 from fastdin.data import SyntheticConfig, SyntheticDIN
 from fastdin.model import DIN
@@ -76,3 +76,67 @@ def test_cuda_or_triton_without_a_gpu(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", *TINY, "--backend", "triton"])
     assert "--backend triton needs a CUDA device" in capsys.readouterr().err
+
+
+def _train_tiny(tmp_path, *flags):
+    metrics_path, model_path = tmp_path / "metrics.json", tmp_path / "model.pt"
+    assert main(["train", *TINY, "--seed", "2", *flags, "--metrics-out", str(metrics_path),
+                 "--save", str(model_path)]) == 0
+    return json.loads(metrics_path.read_text()), torch.load(model_path)
+
+
+def test_mba_lambda_counts_saves_and_changes_training(tmp_path):
+    plain, _ = _train_tiny(tmp_path)
+    metrics, saved = _train_tiny(tmp_path, "--mba-lambda", "0.5")
+    assert (plain["regularizer"], plain["reg_lambda"]) == ("none", None)
+    assert (metrics["regularizer"], metrics["reg_lambda"], metrics["optimizer"]) == ("mba", 0.5, "adam")
+    assert saved["regularization"] == {"regularizer": "mba", "reg_lambda": 0.5}
+    assert metrics["test_logloss"] != plain["test_logloss"]
+
+    # the saved counts are the frequencies of the training rows the command streamed
+    data = SyntheticDIN(SyntheticConfig(**saved["data_config"]))
+    model = DIN(**saved["model_config"])
+    expected = count_frequencies(data.stream("train", 600, 200), model)
+    assert saved["mba_counts"].keys() == expected.keys() == {"item", "category"}
+    for name, counts in expected.items():
+        assert torch.equal(saved["mba_counts"][name], counts), name
+    assert saved["mba_counts"]["item"].sum() > 600  # candidates and history items were counted
+    # and rebuild the regularizer next to the loaded model
+    model.load_state_dict(saved["state_dict"])
+    MBARegularizer(model.embedding_tables(), saved["mba_counts"], saved["regularization"]["reg_lambda"])
+
+
+def test_l2(tmp_path):
+    plain, _ = _train_tiny(tmp_path)
+    metrics, saved = _train_tiny(tmp_path, "--l2", "0.01")
+    assert (metrics["regularizer"], metrics["reg_lambda"]) == ("l2", 0.01)
+    assert "mba_counts" not in saved
+    assert metrics["test_logloss"] != plain["test_logloss"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--optimizer", "sgd", "--lr", "0.5"],
+    ["--optimizer", "adagrad", "--lr", "0.05", "--sparse-embeddings", "--mba-lambda", "1"],
+    ["--optimizer", "sgd", "--lr", "0.5", "--sparse-embeddings", "--l2", "0.01"],
+    ["--sparse-embeddings", "--mba-lambda", "1"],  # adam: SparseAdam for the tables
+])
+def test_optimizers_and_sparse_embeddings(tmp_path, flags):
+    metrics, saved = _train_tiny(tmp_path, *flags, "--epochs", "2")
+    optimizer = flags[flags.index("--optimizer") + 1] if "--optimizer" in flags else "adam"
+    assert metrics["optimizer"] == optimizer
+    assert metrics["sparse_embeddings"] == saved["model_config"]["sparse_embeddings"] == ("--sparse-embeddings" in flags)
+    assert all(0 < loss < 5 for loss in metrics["train_loss"]) and 0 <= metrics["test_auc"] <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--mba-lambda", "1", "--l2", "1"], "not allowed with argument"),
+    (["train", "--mba-lambda", "0"], "must be a positive number"),
+    (["train", "--l2", "-1"], "must be a positive number"),
+    (["train", "--optimizer", "rmsprop"], "invalid choice"),
+    (["train", "--l2", "1", "--sparse-embeddings"], "SparseAdam"),
+])
+def test_bad_regularization_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
