@@ -93,8 +93,14 @@ def run(args: argparse.Namespace) -> int:
     budget = _budget(args.quick)
     # Every implementation goes through fastdin.functional; its value checks sync with the GPU, so
     # they are off unless asked for, for all implementations alike, and the CSV says which.
-    functional.set_value_checks(args.value_checks)
+    checks_before = functional.set_value_checks(args.value_checks)
+    try:
+        return _run(args, impls, modes, dtypes, device, cases, budget)
+    finally:
+        functional.set_value_checks(checks_before)
 
+
+def _run(args, impls, modes, dtypes, device, cases, budget) -> int:
     name = device_name(device)
     ceilings = measure_ceilings(device, dtypes, args.quick, budget)
     rates = ", ".join(f"{k.split('_')[-1]} matmul {v:.3g} TFLOP/s" for k, v in ceilings.items() if k != "copy_gbps")

@@ -26,15 +26,16 @@ except ImportError:  # no triton wheel on this platform
 _value_checks = os.environ.get("FASTDIN_VALUE_CHECKS", "1") != "0"
 
 
-def set_value_checks(enabled: bool) -> None:
+def set_value_checks(enabled: bool) -> bool:
     """Turn the checks of tensor *values* (lengths within [0, T], Dice's valid-row count) on or off.
 
     They are on by default. On CUDA each costs a device-to-host synchronisation, so a tuned
     training loop whose inputs are known to be valid may turn them off. Shape, dtype and device
-    checks are free and always run.
+    checks are free and always run. Returns the previous setting.
     """
     global _value_checks
-    _value_checks = bool(enabled)
+    previous, _value_checks = _value_checks, bool(enabled)
+    return previous
 
 
 def _checking_values(t: Tensor) -> bool:
