@@ -38,7 +38,7 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def _checking_values(t: Tensor) -> bool:
-    if not _value_checks or torch.compiler.is_compiling():
+    if not _value_checks or torch.compiler.is_compiling() or t.is_meta:  # meta tensors have no values
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -198,6 +198,12 @@ def check_attention_inputs(query, keys, weights, biases, activation, act_params,
     if dice_stats not in DICE_STATS:
         raise ValueError(f"dice_stats must be one of {DICE_STATS}, got {dice_stats!r}")
     lengths = check_positions(lengths, mask, batch, seq_len)
+    if activation == "dice" and any(p.training for p in act_params):
+        rows = batch * seq_len
+        positions = mask if mask is not None else lengths
+        if dice_stats == "valid" and positions is not None and _checking_values(positions):
+            rows = int(positions.sum().item())
+        _require_dice_rows(rows)
     named = {"query": query, "keys": keys, "lengths": lengths, "mask": mask}
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     named.update({f"biases[{i}]": b for i, b in enumerate(biases)})
@@ -207,6 +213,11 @@ def check_attention_inputs(query, keys, weights, biases, activation, act_params,
         named.update({f"act_params[{i}].alpha": p.alpha for i, p in enumerate(act_params)})
     _require_same_device(named)
     return query, lengths
+
+
+def _require_dice_rows(rows: int) -> None:
+    if rows < 2:  # as nn.BatchNorm1d: one row has no variance
+        raise ValueError(f"Dice in training needs more than one (valid) row to take batch statistics, got {rows}")
 
 
 def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask) -> None:
@@ -225,8 +236,8 @@ def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, trainin
             raise ValueError(f"mask must have shape {list(x.shape[:-1])} (x without its feature dim), got {list(mask.shape)}")
         if training and _checking_values(mask):
             rows = int(mask.sum().item())
-    if training and rows < 2:
-        raise ValueError(f"Dice in training needs more than one (valid) row to take batch statistics, got {rows}")
+    if training:
+        _require_dice_rows(rows)
     _require_same_device({"x": x, "alpha": alpha, "running_mean": running_mean, "running_var": running_var,
                           "weight": weight, "bias": bias, "mask": mask})
 
@@ -411,7 +422,11 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
 
 def dice_kernel_gap(x: Tensor, training: bool) -> Optional[str]:
     """None when a Triton kernel covers this Dice case, else why none does."""
-    return "the fused Dice kernel has not been written yet"
+    if x.dtype not in DICE_KERNEL_DTYPES:
+        return f"x has dtype {x.dtype}; the kernel takes {', '.join(map(str, DICE_KERNEL_DTYPES))}"
+    if x.numel() == 0:
+        return "x is empty"
+    return None
 
 
 def _match_weight_dtype(tensors: Sequence[Tensor], dtype: torch.dtype):
@@ -480,9 +495,40 @@ def dice(
     """Dice activation; see `fastdin.reference.dice`. Updates the running statistics in training."""
     check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, training, mask)
     chosen = choose_backend(backend, x.device, dice_kernel_gap(x, training), "dice")
-    if chosen == "triton":  # pragma: no cover - replaced when the kernel lands
-        raise AssertionError("unreachable: no Dice kernel is registered")
+    if chosen == "triton":
+        return _DiceFunction.apply(x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps)
     return reference.dice(
         x, alpha, running_mean, running_var, weight=weight, bias=bias, training=training,
         momentum=momentum, eps=eps, mask=mask,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dice autograd Function (Triton kernels in fastdin.kernels.dice)
+
+DICE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _DiceFunction(torch.autograd.Function):
+    """Dice through the fused kernels; saves only x, the mask and fp32 [3, H] statistics."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
+        # imported on first use, so that TRITON_INTERPRET set after `import fastdin` still applies
+        from fastdin.kernels import dice as dice_kernels
+
+        out, stats = dice_kernels.dice_forward(x, alpha, weight, bias, running_mean, running_var, mask,
+                                               training, momentum, eps)
+        ctx.save_for_backward(x, mask, alpha, weight, bias, stats)
+        ctx.training = training
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        from fastdin.kernels import dice as dice_kernels
+
+        x, mask, alpha, weight, bias, stats = ctx.saved_tensors
+        dx, dalpha, dweight, dbias = dice_kernels.dice_backward(grad_out, x, mask, alpha, weight, bias, stats,
+                                                                ctx.training)
+        return dx, dalpha, dweight, dbias, None, None, None, None, None, None

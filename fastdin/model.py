@@ -4,6 +4,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastdin import functional
 from fastdin.layers import MLP, AttentionPooling
 
 POOLINGS = ("attention", "sum")
@@ -71,8 +72,8 @@ class DIN(nn.Module):
         for name in ("item", "category", "hist_items", "hist_categories", "lengths"):
             if name not in batch:
                 raise ValueError(f"batch is missing {name!r}; DIN needs item, category, hist_items, hist_categories, lengths")
-        for name in ("item", "category", "hist_items", "hist_categories"):
-            if batch[name].is_floating_point():
+        for name in ("item", "category", "hist_items", "hist_categories", "user_sparse"):
+            if name in batch and batch[name].is_floating_point():
                 raise TypeError(f"batch[{name!r}] holds ids and must be an integer tensor, got {batch[name].dtype}")
         candidate = torch.cat([self.embeddings["item"](batch["item"]), self.embeddings["category"](batch["category"])], -1)
         history = torch.cat([self.embeddings["item"](batch["hist_items"]),
@@ -81,6 +82,8 @@ class DIN(nn.Module):
         if self.attention is not None:
             interest = self.attention(candidate, history, lengths=lengths)
         else:
+            # the same checks of lengths as attention pooling makes
+            lengths = functional.check_positions(lengths, None, history.shape[0], history.shape[1])
             valid = torch.arange(history.shape[1], device=history.device) < lengths.reshape(-1, 1)
             interest = (history * valid.unsqueeze(-1)).sum(1)
         parts = []

@@ -88,8 +88,8 @@ def _activate(h: Tensor, activation: str, params, valid: Tensor, dice_stats: str
     if activation == "relu":
         return torch.relu(h)
     if activation == "prelu":
-        # not F.prelu: it takes dim 1 (T of [B, T, H]) as the channel dim; the slopes are per feature
-        return torch.where(h > 0, h, params * h)
+        # not F.prelu: it takes dim 1 as the channel dim, which is T for [B, T, H]; the slopes are per feature (last dim)
+        return torch.where(h >= 0, h, params * h)
     d: DiceParams = params
     return dice(
         h, d.alpha, d.running_mean, d.running_var, weight=d.weight, bias=d.bias, training=d.training,

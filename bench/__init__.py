@@ -1,0 +1,1 @@
+"""fastdin's benchmarks (installed as `fastdin.bench`): `python -m fastdin.bench` or `fastdin bench`."""

@@ -1,0 +1,3 @@
+from fastdin.bench.suite import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent GPU machine (an H200 here): install, run the tests on CUDA, then
+# the full benchmark. Everything it writes lands under $OUT: gpu.txt, install.log, tests.log,
+# bench-*.log, the CSV and the PNGs. Planned to end within 8 minutes on an H200: each step has its
+# own cap, and the suite's --max-minutes stops starting new cases in time to write what it measured.
+# Usage, from the repository root on that machine: bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fastdin-gpu-check}
+mkdir -p "$OUT"
+started=$SECONDS
+step() { echo "== $1 ($((SECONDS - started)) s in)"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
+    | tee -a "$OUT/gpu.txt"
+
+step "install"
+if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+    tail -20 "$OUT/install.log"
+    exit 1
+fi
+# No registry is reachable there: DeepCTR-Torch, the peer, runs only if its wheel was carried in bench/wheels/.
+if compgen -G "bench/wheels/*.whl" > /dev/null; then
+    python3 -m pip install --no-deps bench/wheels/*.whl >> "$OUT/install.log" 2>&1 || echo "peer wheels did not install"
+fi
+
+step "tests on CUDA"
+timeout 100 python3 -m pytest -q tests > "$OUT/tests.log" 2>&1
+echo "tests rc=$?"
+tail -3 "$OUT/tests.log"
+
+step "pytest-benchmark path on CUDA (one case)"
+timeout 40 python3 -m pytest -q bench -k "attention-sigmoid and bf16 and (eager or fastdin)" \
+    --benchmark-columns=median,rounds > "$OUT/pytest-bench.log" 2>&1
+echo "pytest bench rc=$?"
+tail -2 "$OUT/pytest-bench.log"
+
+# bf16 (autocast) is the headline: every case and implementation, torch.compile included.
+step "bench bf16"
+timeout 190 python3 -m fastdin.bench --dtypes bf16 --no-sweep --max-minutes 2.3 --out-dir "$OUT" \
+    > "$OUT/bench-bf16.log" 2>&1
+echo "bench bf16 rc=$?"
+# The time-versus-T series, both dtypes, without compile (a compile per point would not fit).
+step "bench sweep"
+timeout 60 python3 -m fastdin.bench --dtypes bf16,fp32 --no-compile --out-dir "$OUT" \
+    --cases sweep-T50,sweep-T100,sweep-T200,sweep-T500,sweep-T1000 > "$OUT/bench-sweep.log" 2>&1
+echo "bench sweep rc=$?"
+step "bench fp32"
+timeout 60 python3 -m fastdin.bench --dtypes fp32 --no-compile --no-sweep --max-minutes 0.8 --out-dir "$OUT" \
+    > "$OUT/bench-fp32.log" 2>&1
+echo "bench fp32 rc=$?"
+
+step "done"
+tail -n 45 "$OUT/bench-bf16.log"

@@ -1,0 +1,120 @@
+"""The benchmark suite: a quick run writes its CSV and PNG, the work counts match hand counts, and
+the DeepCTR-Torch peer is loaded with the same weights (same outputs)."""
+import argparse
+import csv
+
+import pytest
+import torch
+
+from fastdin import AttentionPooling
+from fastdin.bench import counts, report, suite
+from fastdin.bench.cases import DeepCTRAttention, Workload, select_cases
+
+
+def run_quick(out_dir, *argv) -> int:
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    # on the CPU even where CUDA exists: these tests check the suite's mechanics, not a device
+    return suite.run(parser.parse_args(["--quick", "--no-compile", "--device", "cpu", "--out-dir", str(out_dir), *argv]))
+
+
+def read_csv(out_dir):
+    [csv_path] = out_dir.glob("*.csv")
+    with open(csv_path) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == report.COLUMNS
+        return list(reader)
+
+
+def test_quick_suite_writes_table_csv_and_png(tmp_path, capsys):
+    assert run_quick(tmp_path, "--cases", "attention-sigmoid,dice-small,sweep-T10", "--impls", "fastdin,eager") == 0
+    assert "attention-sigmoid" in capsys.readouterr().out
+    rows = read_csv(tmp_path)
+    assert len(rows) == 3 * 2 * 2  # cases x modes x impls
+    for row in rows:
+        assert float(row["ms"]) > 0 and row["torch"] == torch.__version__ and row["device"] and row["date"]
+        assert float(row["tflops"]) == pytest.approx(float(row["gflop"]) / float(row["ms"]), rel=1e-3)
+        assert row["peak_mib"] == ""  # not measured on the CPU, and not faked
+        if row["impl"] == "fastdin":
+            assert row["backend"] == "reference"
+        if row["mode"] == "inference":
+            assert float(row["rel_err_vs_eager"]) == 0.0  # the same reference code ran
+    dice = next(r for r in rows if r["case"] == "dice-small" and r["mode"] == "training")
+    assert float(dice["gflop"]) == pytest.approx(counts.dice_flops(256 * 200, training=True) / 1e9, rel=1e-5)
+    [png] = tmp_path.glob("*.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_a_failed_measurement_is_reported_and_fails_the_run(tmp_path, monkeypatch):
+    measure = suite._measure
+
+    def broken_fastdin(work, impl, *args):
+        if impl == "fastdin":
+            raise RuntimeError("kernel exploded")
+        return measure(work, impl, *args)
+
+    monkeypatch.setattr(suite, "_measure", broken_fastdin)
+    assert run_quick(tmp_path, "--cases", "dice-small", "--impls", "fastdin,eager", "--modes", "inference") == 1
+    fastdin, eager = read_csv(tmp_path)
+    assert fastdin["note"] == "failed: RuntimeError: kernel exploded" and fastdin["ms"] == ""
+    assert float(eager["ms"]) > 0  # the other implementations are still measured
+
+
+def test_attention_counts_by_hand():
+    # B=2 users, lengths 1 and 2 (3 valid positions), D=2, one hidden layer of 3.
+    # fold per user 4*D*H1 = 24 -> 48; per position: layer 1 2*D*H1 = 12, score 2*H = 6,
+    # weighted sum 2*D = 4 -> 22 * 3 = 66; forward 114, training 3x.
+    assert counts.attention_flops(2, 3, 2, (3,), training=False) == 114
+    assert counts.attention_flops(2, 3, 2, (3,), training=True) == 342
+    # params: Linear(8, 3) 27 + Linear(3, 1) 4 = 31 fp32 = 124 B; keys 3 rows*2*4 = 24; query 16;
+    # lengths 2 int64 = 16; out 16 -> 196. Training adds dout 16, dkeys (the whole [2, 2, 2]) 32,
+    # dquery 16 and the parameters' gradients 124 -> 384.
+    assert counts.attention_bytes(2, 2, 2, (3,), 3, 4, 4, training=False) == 196
+    assert counts.attention_bytes(2, 2, 2, (3,), 3, 4, 4, training=True) == 384
+    # the design notes: 2048x100x32, 80/40 with every position valid is about 2.4 GFLOP
+    assert counts.attention_flops(2048, 2048 * 100, 32, (80, 40), training=False) == pytest.approx(2.4e9, rel=0.01)
+
+
+def test_dice_and_din_counts_by_hand():
+    assert counts.dice_flops(10, training=False) == 90
+    assert counts.dice_flops(10, training=True) == 3 * 12 * 10
+    # 5 rows x 2 features in bf16: read x and write y (40 B) + alpha and the running stats (24 B)
+    assert counts.dice_bytes(5, 2, 2, training=False) == 64
+    assert counts.dice_bytes(5, 2, 2, training=True) == 4 * 10 * 2 + 6 * 2 * 4
+    # B=1, 1 valid behaviour, E=1 (behaviours of 2), attention hidden (1,), top MLP 4 -> (2,) -> 1:
+    # attention fold 4*2*1 = 8, per position 2*2*1 + 2*1 + 2*2 = 10; top 2*(4*2 + 2*1) = 20
+    assert counts.din_flops(1, 1, 1, (1,), 4, (2,), training=False) == 38
+    # ids (2 + 2T with T=3) + lengths: 9 int64 = 72; rows (1 + 1) * 2 * 4 = 16; 5 params 20; logit 4
+    assert counts.din_bytes(1, 3, 1, 1, 5, training=False) == 112
+    assert counts.din_bytes(1, 3, 1, 1, 5, training=True) == 112 + 4 + 16 + 20
+
+
+def test_workload_counts_only_valid_positions():
+    case = next(c for c in select_cases(quick=True) if c.key == "attention-sigmoid")
+    work = Workload(case, "fp32", torch.device("cpu"))
+    positions = int(work.lengths.sum())
+    assert 0 < positions < case.batch * case.seq_len
+    assert work.flops("inference") == counts.attention_flops(case.batch, positions, case.dim, case.hidden, False)
+    shared = next(c for c in select_cases(quick=True) if c.key == "attention-one-user")
+    work = Workload(shared, "fp32", torch.device("cpu"))
+    assert work.keys().stride(0) == 0  # one history expanded to every candidate, not copied
+    for mode in ("inference", "training"):  # its T keys are read once, and its key gradient is [1, T, D]
+        expected = counts.attention_bytes(shared.batch, shared.seq_len, shared.dim, shared.hidden, shared.seq_len,
+                                          shared.seq_len, 4, mode == "training")
+        assert work.bytes(mode) == expected
+
+
+@pytest.mark.parametrize("activation, training", [("sigmoid", False), ("prelu", True), ("dice", True), ("dice", False)])
+def test_deepctr_peer_gets_the_same_weights(activation, training):
+    pytest.importorskip("deepctr_torch")
+    pool = AttentionPooling(6, (7, 5), activation, dice_stats="all", backend="reference")
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.uniform_(-0.5, 0.5)
+    peer = DeepCTRAttention(pool)
+    pool.train(training)
+    peer.train(training)
+    query, keys = torch.randn(5, 6), torch.randn(5, 9, 6)
+    lengths = torch.tensor([9, 1, 4, 0, 7])
+    ours, theirs = pool(query, keys, lengths=lengths), peer(query, keys, lengths)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
