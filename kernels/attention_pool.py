@@ -21,8 +21,6 @@ import triton.language as tl
 from torch import Tensor
 
 ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
-MAX_DIM = 256
-MAX_WIDTH = 512
 MAX_HIDDEN_LAYERS = 4
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.

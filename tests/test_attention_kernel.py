@@ -3,6 +3,10 @@
 On the CPU the kernels run under TRITON_INTERPRET=1 (see conftest.py), where every program instance
 costs about a millisecond: batches are tiny and the cases are picked, not crossed.
 """
+import ast
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -328,3 +332,83 @@ def test_shared_memory_estimate_matches_ptxas_builds():
         assert (estimate(*args) <= h200) == (bytes_ <= h200), args
         assert abs(estimate(*args) - bytes_) < 0.15 * bytes_, args
     assert estimate(256, (512, 512, 512, 512), torch.float16) > h200
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in (FASTDIN_SM90_BUILD=1, a few minutes): build both kernels for sm_90 with Triton's compiler
+# and ptxas, no GPU needed, for the design notes' shapes. This catches what the interpreter cannot:
+# front-end errors of the compiled language and programs that need more shared memory than an
+# H100/H200 block may use (227 KB).
+
+SM90_SHAPES = [(32, (80, 40), "sigmoid"), (64, (256, 128, 64), "prelu")]
+
+
+def sm90_build(dim, hidden, activation):
+    """Capture the launchers' kernel arguments on fake bf16 inputs, then compile for sm_90;
+    returns {kernel name: shared memory bytes}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kinds = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64"}
+    launches = {}
+
+    class Capture:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.setdefault(self.fn.__name__, (self.fn, args, kwargs))
+
+    batch, seq_len = 4, 100
+    keys, query = torch.randn(batch, seq_len, dim).bfloat16(), torch.randn(batch, dim).bfloat16()
+    sizes = [4 * dim] + list(hidden) + [1]
+    weights = [torch.randn(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [torch.randn(o) for o in sizes[1:]]
+    slopes = [torch.rand(1) for _ in hidden] if activation == "prelu" else []
+    lengths = torch.full((batch,), seq_len)
+    fwd, bwd = attention_kernels._attention_pool_fwd_kernel, attention_kernels._attention_pool_bwd_kernel
+    try:
+        attention_kernels._attention_pool_fwd_kernel, attention_kernels._attention_pool_bwd_kernel = (
+            Capture(fwd), Capture(bwd))
+        attention_kernels.attention_pool_forward(query, keys, weights, biases, slopes, lengths, None, activation,
+                                                 0.0, False, True, True)
+        attention_kernels.attention_pool_backward(
+            torch.randn(batch, dim).bfloat16(), torch.randn(batch, seq_len).bfloat16(), query, keys, weights, biases,
+            slopes, lengths, None, torch.zeros(batch), torch.zeros(batch), activation, 0.0, False, True)
+    except Exception:
+        pass  # summing the never-written partials may fail; the launches are captured
+    finally:
+        attention_kernels._attention_pool_fwd_kernel, attention_kernels._attention_pool_bwd_kernel = fwd, bwd
+    shared = {}
+    for name, (fn, args, kwargs) in launches.items():
+        kwargs = dict(kwargs)
+        options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+        signature, constants = {}, dict(kwargs)
+        for arg, value in zip(fn.arg_names, args):
+            if value is None:
+                signature[arg], constants[arg] = "constexpr", None
+            elif isinstance(value, torch.Tensor):
+                signature[arg] = "*" + kinds[value.dtype]
+            else:
+                signature[arg] = "fp32" if isinstance(value, float) else "i32"
+        signature.update({k: "constexpr" for k in kwargs})
+        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        shared[name] = compiled.metadata.shared
+    return shared
+
+
+@pytest.mark.skipif(os.environ.get("FASTDIN_SM90_BUILD") != "1", reason="opt-in: FASTDIN_SM90_BUILD=1")
+@pytest.mark.parametrize("dim,hidden,activation", SM90_SHAPES)
+def test_kernels_build_for_sm90(dim, hidden, activation):
+    script = ("import sys; sys.path.insert(0, 'tests'); import test_attention_kernel as t; "
+              f"print(t.sm90_build({dim}, {hidden}, {activation!r}))")
+    env = dict(os.environ, TRITON_INTERPRET="0")  # conftest keeps a set value; the compiler needs it off
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel"}
+    assert max(shared.values()) <= 232448, shared
+    assert max(shared.values()) <= attention_kernels.shared_memory_estimate(dim, hidden, torch.bfloat16) * 1.15
