@@ -5,6 +5,10 @@ the scores, every gradient (through the batch statistics too) and the updated ru
 On the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py) in fp32 and fp16, so the cases
 are few and tiny; on CUDA bf16 is added. Every buffer the launchers allocate starts as NaN.
 """
+import ast
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -170,3 +174,111 @@ def test_fewer_than_two_counted_positions_raise(dice_stats, batch, seq_len, leng
     lengths = torch.tensor(lengths) if lengths is not None else None
     with pytest.raises(ValueError, match="more than one"):
         module(torch.randn(batch, 6), torch.randn(batch, seq_len, 6), lengths=lengths)
+
+
+def test_torch_compile_fullgraph_training():
+    """The statistics op (which updates the running statistics in place) and the attention op trace
+    into one graph, and the compiled layer still gives the reference's numbers."""
+    kwargs = dict(embed_dim=6, hidden_units=(7, 5), activation="dice", normalization="softmax",
+                  return_scores=True, dice_affine=True)
+    fast = AttentionPooling(backend="triton", **kwargs)
+    slow = AttentionPooling(backend="reference", **kwargs)
+    slow.load_state_dict(fast.state_dict())
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    query, keys = torch.randn(3, 6, requires_grad=True), torch.randn(3, 9, 6)
+    lengths = torch.tensor([9, 4, 0])
+    results = []
+    for module in (compiled, slow):
+        out, scores = module(query, keys, lengths=lengths)
+        grad = torch.autograd.grad(out.sum() + scores.square().sum(), query)[0]
+        results.append([out, scores, grad] + list(module.buffers()))
+    assert max(relative_errors(results[0], results[1])) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in (FASTDIN_SM90_BUILD=1): build every launch of a training step for sm_90 with Triton's
+# compiler and ptxas, no GPU needed. The interpreter cannot catch front-end errors of the compiled
+# language in the statistics and sums modes, nor shared memory past an H200 block's 227 KB.
+
+
+def sm90_build_training(dim, hidden, affine):
+    """Capture the training launches on fake bf16 inputs, compile each for sm_90; returns
+    [(kernel name, mode, shared memory bytes)]."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = ["_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel", "_dice_batch_stats_kernel"]
+    kernels = {name: getattr(attention_kernels, name) for name in names}
+    launches = []
+
+    class Capture:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    batch, seq_len = 4, 100
+    keys, query = torch.randn(batch, seq_len, dim).bfloat16(), torch.randn(batch, dim).bfloat16()
+    sizes = [4 * dim] + list(hidden) + [1]
+    weights = [torch.randn(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [torch.randn(o) for o in sizes[1:]]
+    lengths = torch.full((batch,), seq_len)
+    stats = torch.zeros(len(hidden), 3, max(hidden))
+    running, batch_stats = [], []
+    for layer, h in enumerate(hidden):
+        extra = [torch.ones(h), torch.zeros(h)] if affine else []
+        running += [torch.rand(h), torch.zeros(h), torch.ones(h)] + extra
+        batch_stats += [torch.rand(h), stats[layer, 0, :h], stats[layer, 1, :h]] + extra
+    try:
+        for name in names:
+            setattr(attention_kernels, name, Capture(kernels[name]))
+        attention_kernels.attention_dice_batch_stats(query, keys, weights, biases, running, lengths, None, 1e-8,
+                                                     affine, False, [0.1] * len(hidden))
+        attention_kernels.attention_pool_forward(query, keys, weights, biases, batch_stats, lengths, None, "dice",
+                                                 1e-8, affine, True, True)
+        attention_kernels.attention_pool_backward(
+            torch.randn(batch, dim).bfloat16(), torch.randn(batch, seq_len).bfloat16(), query, keys, weights, biases,
+            batch_stats, lengths, None, torch.zeros(batch), torch.zeros(batch), "dice", 1e-8, affine, True,
+            stats[0, 2, :1], False)
+    finally:
+        for name in names:
+            setattr(attention_kernels, name, kernels[name])
+    kinds = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64"}
+    built = []
+    for fn, args, kwargs in launches:
+        kwargs = dict(kwargs)
+        options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
+        signature, constants = {}, dict(kwargs)
+        for arg, value in zip(fn.arg_names, args):
+            if value is None:
+                signature[arg], constants[arg] = "constexpr", None
+            elif isinstance(value, torch.Tensor):
+                signature[arg] = "*" + kinds[value.dtype]
+            else:
+                signature[arg] = "fp32" if isinstance(value, float) else "i32"
+        signature.update({k: "constexpr" for k in kwargs})
+        for param in fn.params:  # constexpr defaults the launch left out
+            if param.name not in signature:
+                signature[param.name], constants[param.name] = "constexpr", param.default
+        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        mode = {k: kwargs[k] for k in ("STATS_LAYER", "SUMS_LAYER") if k in kwargs}
+        built.append((fn.__name__, mode, compiled.metadata.shared))
+    return built
+
+
+@pytest.mark.skipif(os.environ.get("FASTDIN_SM90_BUILD") != "1", reason="opt-in: FASTDIN_SM90_BUILD=1")
+@pytest.mark.parametrize("dim,hidden,affine", [(32, (80, 40), True), (64, (256, 128, 64), False)])
+def test_training_kernels_build_for_sm90(dim, hidden, affine):
+    script = ("import sys; sys.path.insert(0, 'tests'); import test_attention_dice_train as t; "
+              f"print(t.sm90_build_training({dim}, {hidden}, {affine}))")
+    env = dict(os.environ, TRITON_INTERPRET="0")  # conftest keeps a set value; the compiler needs it off
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    # per layer a statistics pass and a merge, the forward, per layer a sums pass, the backward
+    assert len(built) == 3 * len(hidden) + 2
+    assert max(shared for _, _, shared in built) <= 232448, built
