@@ -303,7 +303,7 @@ def _attention_pool_fwd_kernel(
     NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, STORE_SCORES: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATS_LAYER: tl.constexpr = 0, COUNT_ALL: tl.constexpr = False, BLOCK_HS: tl.constexpr = 16,
+    STATS_LAYER: tl.constexpr, COUNT_ALL: tl.constexpr, BLOCK_HS: tl.constexpr,
 ):
     """The forward pass, or with STATS_LAYER = l > 0 a statistics pass of training-mode Dice: per
     program (count, mean, M2) of hidden layer l's pre-activation (HS wide) over the positions that
@@ -447,8 +447,7 @@ def _attention_pool_bwd_kernel(
     NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    DICE_TRAIN: tl.constexpr = False, COUNT_ALL: tl.constexpr = False, SUMS_LAYER: tl.constexpr = 0,
-    BLOCK_HS: tl.constexpr = 16,
+    DICE_TRAIN: tl.constexpr, COUNT_ALL: tl.constexpr, SUMS_LAYER: tl.constexpr, BLOCK_HS: tl.constexpr,
 ):
     """The backward pass. With DICE_TRAIN the Dice layers were normalised with batch statistics
     (passed as their mean/var; counted over all t < T with COUNT_ALL, else the valid positions), and
@@ -782,7 +781,8 @@ def attention_pool_forward(
         query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),
         scores.stride(0) if return_scores else 0, 0,
         HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-        STORE_SCORES=return_scores, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+        STORE_SCORES=return_scores, STATS_LAYER=0, COUNT_ALL=False, BLOCK_HS=16,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
     )
     return out, scores.to(keys.dtype), lse
 

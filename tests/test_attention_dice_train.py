@@ -259,9 +259,6 @@ def sm90_build_training(dim, hidden, affine):
             else:
                 signature[arg] = "fp32" if isinstance(value, float) else "i32"
         signature.update({k: "constexpr" for k in kwargs})
-        for param in fn.params:  # constexpr defaults the launch left out
-            if param.name not in signature:
-                signature[param.name], constants[param.name] = "constexpr", param.default
         compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
                                   options=options)
         mode = {k: kwargs[k] for k in ("STATS_LAYER", "SUMS_LAYER") if k in kwargs}
