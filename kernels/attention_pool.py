@@ -11,6 +11,16 @@ the 227 KB of shared memory an H200 block may use. The backward recomputes the a
 keys (flash-attention style) and writes one fp32 partial per program for every weight gradient,
 which the launcher sums (deterministic).
 
+Dice in training mode (batch statistics per hidden layer, over the valid or all positions) adds
+constexpr modes to both kernels and never stores a [B, T, H] tensor. Forward: per layer l, a
+statistics pass (STATS_LAYER = l: the tile's layer-l pre-activation, with the layers below
+normalised by their now-known batch statistics, into per-program count/mean/M2 partials) and a
+small merge kernel (fixed order; it also updates the running statistics on the device), then the
+ordinary forward with the batch statistics in place of the running ones. Backward: the gradient
+through the statistics of layer l needs S_l = sum dL/dx_hat and Q_l = sum dL/dx_hat * x_hat over
+all positions, which depend on the layers above, so one sums pass per layer from the top down
+(SUMS_LAYER = l), then the ordinary backward with every (S_l, Q_l) known.
+
 Only Triton lives here: no autograd, no modules.
 """
 from typing import List, Optional, Sequence
