@@ -135,6 +135,27 @@ def test_several_tiles(monkeypatch):
                torch.float32, "cpu")
 
 
+def test_deterministic_and_saves_no_activations():
+    """Two identical training steps give the same bits (fixed-order reductions), and autograd keeps
+    nothing of [B, T, H] size (the keys [B, T, D] with D < H, the weights and O(L H) statistics)."""
+    case = TrainCase(4, (16, 8), seq_len=20, dice_stats="all", normalization="softmax", dice_affine=True)
+    leaves, positions = make_inputs(case, "cpu")
+    positions = positions_with_two_counted(case, positions)
+    grad_out, grad_scores = torch.randn(case.batch, case.dim), torch.randn(case.batch, case.seq_len)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        first = run(case, cast_leaves(leaves, torch.float32), positions, "triton", grad_out, grad_scores)
+    second = run(case, cast_leaves(leaves, torch.float32), positions, "triton", grad_out, grad_scores)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert case.batch * case.seq_len * case.dim in saved
+    assert max(saved) < case.batch * case.seq_len * min(case.hidden)
+
+
 def test_module_two_training_steps_then_eval():
     """AttentionPooling with Dice: two SGD steps (batch statistics, running-statistics updates) and
     then eval (running statistics) give the reference backend's numbers."""
