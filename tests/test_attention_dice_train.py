@@ -72,8 +72,8 @@ def run(case: Case, leaves, positions, backend, grad_out, grad_scores):
                          leaves["dice_bias"][i] if case.dice_affine else None,
                          training=True, momentum=MOMENTUM, eps=1e-5) for i in hidden]
     result = functional.attention_pool(
-        leaves["query"], keys_from_base(case, leaves["keys_base"]), leaves["weights"], leaves["biases"], activation="dice",
-        act_params=params, normalization=case.normalization, return_scores=case.return_scores,
+        leaves["query"], keys_from_base(case, leaves["keys_base"]), leaves["weights"], leaves["biases"],
+        activation="dice", act_params=params, normalization=case.normalization, return_scores=case.return_scores,
         dice_stats=case.dice_stats, backend=backend, **positions,
     )
     out, scores = result if case.return_scores else (result, None)
