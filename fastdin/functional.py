@@ -272,13 +272,43 @@ def _attention_act_tensors(activation: str, act_params) -> tuple:
     return tensors, float(act_params[0].eps), affine  # one eps for all layers (attention_kernel_gap)
 
 
+@torch.library.custom_op("fastdin::attention_dice_stats", mutates_args=("running_means", "running_vars"))
+def _attention_dice_stats_op(
+    query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
+    running_means: list[Tensor], running_vars: list[Tensor], dice_weights: list[Tensor], dice_biases: list[Tensor],
+    lengths: Optional[Tensor], mask: Optional[Tensor], dice_eps: float, count_all: bool, momenta: list[float],
+) -> Tensor:
+    """Training-mode Dice inside the attention unit: the batch statistics of every layer, fp32
+    [L, 3, max H] (mean, biased var, count), and the running statistics' update in place."""
+    affine = len(dice_weights) > 0
+    act_tensors = []
+    for layer, alpha in enumerate(alphas):
+        act_tensors += [alpha, running_means[layer], running_vars[layer]]
+        if affine:
+            act_tensors += [dice_weights[layer], dice_biases[layer]]
+    return _attention_kernels().attention_dice_batch_stats(
+        query, keys, weights, biases, act_tensors, lengths, mask, dice_eps, affine, count_all, momenta,
+    )
+
+
+@_attention_dice_stats_op.register_fake
+def _attention_dice_stats_fake(query, keys, weights, biases, alphas, running_means, running_vars, dice_weights,
+                               dice_biases, lengths, mask, dice_eps, count_all, momenta):
+    hidden = [w.shape[0] for w in weights[:-1]]
+    return keys.new_empty((len(hidden), 3, max(hidden)), dtype=torch.float32)
+
+
 @torch.library.custom_op("fastdin::attention_pool", mutates_args=())
 def _attention_pool_op(
     query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], act_tensors: list[Tensor],
     lengths: Optional[Tensor], mask: Optional[Tensor], activation: str, dice_eps: float,
-    dice_affine: bool, softmax: bool, return_scores: bool,
+    dice_affine: bool, softmax: bool, return_scores: bool, dice_count: Optional[Tensor], dice_count_all: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [B, D], scores [B, T] or empty, softmax log-sum-exp [B] fp32 or empty)."""
+    """(out [B, D], scores [B, T] or empty, softmax log-sum-exp [B] fp32 or empty).
+
+    Training-mode Dice: act_tensors hold the batch statistics as the layers' mean/var, and
+    dice_count (not None) the count of the positions they were taken over; the backward then
+    includes the terms through the statistics."""
     return _attention_kernels().attention_pool_forward(
         query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
         softmax, return_scores,
@@ -287,7 +317,7 @@ def _attention_pool_op(
 
 @_attention_pool_op.register_fake
 def _attention_pool_fake(query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps,
-                         dice_affine, softmax, return_scores):
+                         dice_affine, softmax, return_scores, dice_count, dice_count_all):
     batch, seq_len, dim = keys.shape
     out = keys.new_empty((batch, dim))
     scores = keys.new_empty((batch, seq_len) if return_scores else (0,))
@@ -300,12 +330,12 @@ def _attention_pool_backward_op(
     grad_out: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor, weights: list[Tensor],
     biases: list[Tensor], act_tensors: list[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
     lse: Tensor, delta: Optional[Tensor], activation: str, dice_eps: float, dice_affine: bool,
-    softmax: bool,
+    softmax: bool, dice_count: Optional[Tensor], dice_count_all: bool,
 ) -> list[Tensor]:
     """[dquery, dkeys, *dweights, *dbiases, *dact]; see `attention_pool_backward` in the kernels."""
     return _attention_kernels().attention_pool_backward(
         grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
-        activation, dice_eps, dice_affine, softmax,
+        activation, dice_eps, dice_affine, softmax, dice_count, dice_count_all,
     )
 
 
@@ -319,7 +349,8 @@ def _trainable_act_tensors(activation: str, act_tensors: Sequence[Tensor], dice_
 
 @_attention_pool_backward_op.register_fake
 def _attention_pool_backward_fake(grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths,
-                                  mask, lse, delta, activation, dice_eps, dice_affine, softmax):
+                                  mask, lse, delta, activation, dice_eps, dice_affine, softmax, dice_count,
+                                  dice_count_all):
     grads = [query.new_empty(query.shape), keys.new_empty(keys.shape)]
     grads += [t.new_empty(t.shape) for t in [*weights, *biases]]
     grads += [t.new_empty(t.shape) for t in _trainable_act_tensors(activation, act_tensors, dice_affine)]
@@ -328,15 +359,15 @@ def _attention_pool_backward_fake(grad_out, grad_scores, query, keys, weights, b
 
 def _attention_pool_setup_context(ctx, inputs, output):
     (query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine, softmax,
-     return_scores) = inputs
+     return_scores, dice_count, dice_count_all) = inputs
     out, scores, lse = output
-    ctx.save_for_backward(query, keys, lengths, mask, out, scores, lse, *weights, *biases, *act_tensors)
+    ctx.save_for_backward(query, keys, lengths, mask, out, scores, lse, dice_count, *weights, *biases, *act_tensors)
     ctx.layers, ctx.activation, ctx.dice_eps, ctx.dice_affine = len(weights), activation, dice_eps, dice_affine
-    ctx.softmax, ctx.return_scores = softmax, return_scores
+    ctx.softmax, ctx.return_scores, ctx.dice_count_all = softmax, return_scores, dice_count_all
 
 
 def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
-    query, keys, lengths, mask, out, scores, lse, *params = ctx.saved_tensors
+    query, keys, lengths, mask, out, scores, lse, dice_count, *params = ctx.saved_tensors
     layers = ctx.layers
     weights, biases, act_tensors = params[:layers], params[layers:2 * layers], params[2 * layers:]
     if grad_out is None:  # only the scores were used
@@ -351,7 +382,7 @@ def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
             delta = delta + (scores.float() * grad_scores.float()).sum(-1)
     grads = _attention_pool_backward_op(
         grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
-        ctx.activation, ctx.dice_eps, ctx.dice_affine, ctx.softmax,
+        ctx.activation, ctx.dice_eps, ctx.dice_affine, ctx.softmax, dice_count, ctx.dice_count_all,
     )
     dquery, dkeys = grads[0], grads[1]
     dweights, dbiases = grads[2:2 + layers], grads[2 + layers:2 + 2 * layers]
@@ -361,14 +392,35 @@ def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
         None if ctx.activation == "dice" and i % per_layer in (1, 2) else next(trained)
         for i in range(len(act_tensors))
     ]
-    return dquery, dkeys, dweights, dbiases, dact, None, None, None, None, None, None, None
+    return dquery, dkeys, dweights, dbiases, dact, None, None, None, None, None, None, None, None, None
 
 
 _attention_pool_op.register_autograd(_attention_pool_backward, setup_context=_attention_pool_setup_context)
 
 
+def _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask, dice_eps, dice_affine,
+                           count_all):
+    """Training-mode Dice: (act tensors with the batch statistics as mean/var, the count they were
+    taken over as a 1-element tensor); updates the running statistics."""
+    with torch.no_grad():  # the gradient through the statistics is the attention op's backward
+        stats = _attention_dice_stats_op(
+            query, keys, list(weights), list(biases), [p.alpha.reshape(-1) for p in act_params],
+            [p.running_mean for p in act_params], [p.running_var for p in act_params],
+            [p.weight.reshape(-1) for p in act_params] if dice_affine else [],
+            [p.bias.reshape(-1) for p in act_params] if dice_affine else [],
+            lengths, mask, dice_eps, count_all, [float(p.momentum) for p in act_params],
+        )
+    tensors = []
+    for layer, p in enumerate(act_params):
+        width = p.alpha.numel()
+        tensors += [p.alpha.reshape(-1), stats[layer, 0, :width], stats[layer, 1, :width]]
+        if dice_affine:
+            tensors += [p.weight, p.bias]
+    return tensors, stats[0, 2, :1]
+
+
 def _attention_pool_triton(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
-                           return_scores):
+                           return_scores, dice_stats):
     """Run the fused kernel (inputs already checked); returns (out [B, D], scores [B, T] or None)."""
     if keys.is_cuda and torch.is_autocast_enabled("cuda"):
         # run in the autocast dtype; the kernel reads the weights as they are and converts them
@@ -379,9 +431,13 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
     biases = [b if b.stride(-1) == 1 else b.contiguous() for b in biases]
     act_tensors, dice_eps, dice_affine = _attention_act_tensors(activation, act_params)
+    dice_count, count_all = None, dice_stats == "all"
+    if activation == "dice" and act_params[0].training:
+        act_tensors, dice_count = _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask,
+                                                         dice_eps, dice_affine, count_all)
     out, scores, _lse = _attention_pool_op(
         query, keys, list(weights), list(biases), act_tensors, lengths, mask, activation, dice_eps, dice_affine,
-        normalization == "softmax", return_scores,
+        normalization == "softmax", return_scores, dice_count, count_all,
     )
     return out, (scores if return_scores else None)
 
@@ -391,9 +447,9 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
 
     Covered: keys float32/float16/bfloat16, D <= 256, 1 to 4 hidden layers of width <= 512 where the
     program fits the GPU's shared memory (estimated; wide first layers with a large D do not, e.g.
-    D = 128 with 256/128 layers on an H200), activations sigmoid, relu, prelu and Dice in eval mode
-    (running statistics), lengths or mask, normalization None or softmax, scores. Training-mode Dice
-    (batch statistics) runs in the reference.
+    D = 128 with 256/128 layers on an H200), activations sigmoid, relu, prelu and Dice, in eval mode
+    (running statistics) and in training mode (batch statistics over the valid or all positions,
+    exact backward through them), lengths or mask, normalization None or softmax, scores.
     """
     if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"keys dtype {keys.dtype}: the kernel takes float32, float16 or bfloat16"
@@ -412,8 +468,8 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
             return (f"D = {keys.shape[-1]} with hidden sizes {hidden} needs about {needed // 1024} KB of shared "
                     f"memory per program, more than the {limit // 1024} KB this GPU allows")
     if activation == "dice":
-        if any(p.training for p in act_params):
-            return "Dice in training mode (batch statistics) inside the attention unit runs in the reference"
+        if len({bool(p.training) for p in act_params}) > 1:
+            return "Dice layers mix training and eval mode"
         if len({p.weight is None for p in act_params}) > 1:
             return "Dice layers mix affine and non-affine"
         if len({float(p.eps) for p in act_params}) > 1:
@@ -465,7 +521,8 @@ def attention_pool(
     chosen = choose_backend(backend, keys.device, gap, "attention_pool")
     if chosen == "triton":
         out, scores = _attention_pool_triton(
-            query2d, keys, weights, biases, activation, act_params, lengths, mask, normalization, return_scores
+            query2d, keys, weights, biases, activation, act_params, lengths, mask, normalization, return_scores,
+            dice_stats,
         )
     else:
         result = reference.attention_pool(

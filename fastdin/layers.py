@@ -119,10 +119,11 @@ class AttentionPooling(nn.Module):
     backend None reads FASTDIN_BACKEND (default "auto": the fused Triton kernel on CUDA where it
     covers the case, else the exact PyTorch reference). The kernel covers float32/float16/bfloat16
     (and CUDA autocast), D <= 256, 1 to 4 hidden layers of width <= 512, sigmoid, relu, prelu and
-    Dice in eval mode; Dice in training mode (batch statistics) runs in the reference for now
-    (`functional.attention_kernel_gap` names the reason for any uncovered case). dice_stats="valid"
-    takes Dice's statistics over the valid positions only; "all" over all B*T positions, as
-    DeepCTR-Torch does.
+    Dice, in eval mode (running statistics) and in training mode (batch statistics, with the exact
+    gradient through them, and the running statistics updated on the device);
+    `functional.attention_kernel_gap` names the reason for any uncovered case. In training,
+    dice_stats="valid" takes Dice's statistics over the valid positions only; "all" over all B*T
+    positions, as DeepCTR-Torch does.
     """
 
     def __init__(self, embed_dim: int, hidden_units: Sequence[int] = (80, 40), activation: str = "sigmoid",

@@ -11,6 +11,16 @@ the 227 KB of shared memory an H200 block may use. The backward recomputes the a
 keys (flash-attention style) and writes one fp32 partial per program for every weight gradient,
 which the launcher sums (deterministic).
 
+Dice in training mode (batch statistics per hidden layer, over the valid or all positions) adds
+constexpr modes to both kernels and never stores a [B, T, H] tensor. Forward: per layer l, a
+statistics pass (STATS_LAYER = l: the tile's layer-l pre-activation, with the layers below
+normalised by their now-known batch statistics, into per-program count/mean/M2 partials) and a
+small merge kernel (fixed order; it also updates the running statistics on the device), then the
+ordinary forward with the batch statistics in place of the running ones. Backward: the gradient
+through the statistics of layer l needs S_l = sum dL/dx_hat and Q_l = sum dL/dx_hat * x_hat over
+all positions, which depend on the layers above, so one sums pass per layer from the top down
+(SUMS_LAYER = l), then the ordinary backward with every (S_l, Q_l) known.
+
 Only Triton lives here: no autograd, no modules.
 """
 from typing import List, Optional, Sequence
@@ -19,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastdin.kernels.dice import _merge_stat_partials, chan_merge
 
 ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 MAX_HIDDEN_LAYERS = 4
@@ -124,9 +136,11 @@ def _act_fwd(x, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.con
 
 
 @triton.jit
-def _act_bwd(x, dh, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.constexpr):
-    """Gradient into the pre-activation x, and per-feature gradients (summed over the tile) of
-    (slope or alpha, Dice weight, Dice bias)."""
+def _act_bwd(x, dh, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.constexpr,
+             SUMS: tl.constexpr):
+    """Gradient into the pre-activation x (statistics held fixed), and per-feature sums over the tile of
+    (slope or alpha gradient, dL/dz * x_hat, dL/dz) for Dice's z = (weight *) x_hat (+ bias): the
+    gradients of Dice's weight and bias, also computed without affine when SUMS (batch statistics)."""
     da = tl.sum(tl.zeros_like(x), axis=0)
     dgamma, dbeta = da, da
     if ACT == 0:
@@ -144,6 +158,7 @@ def _act_bwd(x, dh, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl
         slope = inv_std[None, :]
         if AFFINE:
             slope = slope * gamma[None, :]
+        if AFFINE or SUMS:
             dgamma = tl.sum(dz * (x - mean[None, :]) * inv_std[None, :], axis=0)
             dbeta = tl.sum(dz, axis=0)
         dx = dh * (a[None, :] + p * (1.0 - a[None, :])) + dz * slope
@@ -229,6 +244,50 @@ def _mlp_tile(k, W_b, c_b,
     return s, x1, h1, x2, h2, x3, h3, x4, h4, last
 
 
+@triton.jit
+def _pick_layer(x1, x2, x3, x4, LAYER: tl.constexpr):
+    if LAYER == 1:
+        x = x1
+    elif LAYER == 2:
+        x = x2
+    elif LAYER == 3:
+        x = x3
+    else:
+        x = x4
+    return x
+
+
+@triton.jit
+def _accumulate_stats(count, mean, m2, x, counted):
+    """Merge the tile's own two-pass (count, mean, M2) of x over its counted rows into the running one."""
+    x = tl.where(counted[:, None], x, 0.0)
+    count_b = tl.sum(counted.to(tl.float32), axis=0)
+    mean_b = tl.sum(x, axis=0) / tl.maximum(count_b, 1.0)
+    centred = tl.where(counted[:, None], x - mean_b[None, :], 0.0)
+    return chan_merge(count, mean, m2, count_b, mean_b, tl.sum(centred * centred, axis=0))
+
+
+@triton.jit
+def _load_stat_sums(sums_ptr, layer, h_max, n, BLOCK: tl.constexpr, KNOWN: tl.constexpr):
+    """Layer `layer`'s (S, Q) = (sum dL/dx_hat, sum dL/dx_hat * x_hat) from sums [L, 2, h_max]; zeros
+    until they are KNOWN (the backward's sums passes find them from the top layer down)."""
+    S = tl.zeros([BLOCK], tl.float32)
+    Q = tl.zeros([BLOCK], tl.float32)
+    if KNOWN:
+        S = _load_vec(sums_ptr + (layer - 1) * 2 * h_max, n, 1, BLOCK, 0.0)
+        Q = _load_vec(sums_ptr + (layer - 1) * 2 * h_max + h_max, n, 1, BLOCK, 0.0)
+    return S, Q
+
+
+@triton.jit
+def _through_batch_stats(G, x, mean, inv_std, S, Q, inv_count, counted):
+    """Add to G = dL/dx (statistics held fixed) the part through the batch mean and variance:
+    -rstd / n * (S + x_hat * Q) at the positions that count in the statistics."""
+    x_hat = (x - mean[None, :]) * inv_std[None, :]
+    through = (inv_std * inv_count)[None, :] * (S[None, :] + x_hat * Q[None, :])
+    return G - tl.where(counted[:, None], through, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 #
@@ -240,21 +299,26 @@ def _mlp_tile(k, W_b, c_b,
 
 @triton.jit
 def _attention_pool_fwd_kernel(
-    q_ptr, k_ptr, len_ptr, mask_ptr, out_ptr, scores_ptr, lse_ptr,
+    q_ptr, k_ptr, len_ptr, mask_ptr, out_ptr, scores_ptr, lse_ptr, stat_part_ptr,
     w1, b1, a1, m1, v1, g1, e1, sw1, sa1, eps1,
     w2, b2, a2, m2, v2, g2, e2, sw2, sa2, eps2,
     w3, b3, a3, m3, v3, g3, e3, sw3, sa3, eps3,
     w4, b4, a4, m4, v4, g4, e4, sw4, sa4, eps4,
     wo_ptr, bo_ptr,
     B, T, D, H1, H2, H3, H4, HL,
-    stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_ob, stride_sb,
+    stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_ob, stride_sb, HS,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
     BLOCK_HL: tl.constexpr,
     NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, STORE_SCORES: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STATS_LAYER: tl.constexpr, COUNT_ALL: tl.constexpr, BLOCK_HS: tl.constexpr,
 ):
+    """The forward pass, or with STATS_LAYER = l > 0 a statistics pass of training-mode Dice: per
+    program (count, mean, M2) of hidden layer l's pre-activation (HS wide) over the positions that
+    count (all t < T with COUNT_ALL, else the valid ones) into stat_part [3, programs, HS]; the layers
+    below l are normalised with their batch statistics, already found and passed as their mean/var."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -279,6 +343,9 @@ def _attention_pool_fwd_kernel(
         a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
     if NUM_LAYERS >= 4:
         a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+    st_count = tl.zeros([BLOCK_HS], dtype=tl.float32)  # statistics pass: this program's summary
+    st_mean = tl.zeros([BLOCK_HS], dtype=tl.float32)
+    st_m2 = tl.zeros([BLOCK_HS], dtype=tl.float32)
 
     for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
@@ -296,7 +363,13 @@ def _attention_pool_fwd_kernel(
                 k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
                 a_1, m_1, s_1, g_1, e_1, a_2, m_2, s_2, g_2, e_2, a_3, m_3, s_3, g_3, e_3, a_4, m_4, s_4, g_4, e_4,
                 BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
-            if SOFTMAX:
+            if STATS_LAYER > 0:  # the layers above l (and the score) are unused here
+                counted = valid
+                if COUNT_ALL:
+                    counted = tmask
+                st_count, st_mean, st_m2 = _accumulate_stats(
+                    st_count, st_mean, st_m2, _pick_layer(_x1, _x2, _x3, _x4, STATS_LAYER), counted)
+            elif SOFTMAX:
                 # online softmax over the valid positions; masked ones get exactly 0
                 s = tl.where(valid, s, -1.0e30)
                 m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -325,7 +398,37 @@ def _attention_pool_fwd_kernel(
                                              HAS_LENGTHS, HAS_MASK)
                     s = tl.load(scores_ptr + b64 * stride_sb + offs_t, mask=tmask, other=0.0)
                     tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.where(valid, tl.exp(s - lse), 0.0), mask=tmask)
-        tl.store(out_ptr + b64 * stride_ob + offs_d, acc, mask=dmask)
+        if STATS_LAYER == 0:
+            tl.store(out_ptr + b64 * stride_ob + offs_d, acc, mask=dmask)
+    if STATS_LAYER > 0:
+        offs_hs = tl.arange(0, BLOCK_HS)
+        part = pid * HS + offs_hs
+        plane = num_programs * HS
+        tl.store(stat_part_ptr + part, st_count, mask=offs_hs < HS)
+        tl.store(stat_part_ptr + plane + part, st_mean, mask=offs_hs < HS)
+        tl.store(stat_part_ptr + 2 * plane + part, st_m2, mask=offs_hs < HS)
+
+
+@triton.jit
+def _dice_batch_stats_kernel(part_ptr, n_parts, n_feat, stats_ptr, h_max, run_mean_ptr, run_var_ptr, momentum,
+                             BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Merge a statistics pass's partials in a fixed order (deterministic) into this layer's
+    stats [3, h_max] (mean, biased var, count), and update the running statistics as
+    nn.BatchNorm1d does (momentum, unbiased variance), on the device."""
+    feats = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = feats < n_feat
+    count, mean, m2 = _merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
+    count = tl.where(ok, count, 2.0)  # lanes past H are never stored: keep their math finite
+    var = m2 / count
+    tl.store(stats_ptr + feats, mean, mask=ok)
+    tl.store(stats_ptr + h_max + feats, var, mask=ok)
+    tl.store(stats_ptr + 2 * h_max + feats, count, mask=ok)
+    run_mean = tl.load(run_mean_ptr + feats, mask=ok, other=0.0).to(tl.float32)
+    run_var = tl.load(run_var_ptr + feats, mask=ok, other=0.0).to(tl.float32)
+    run_mean = run_mean * (1.0 - momentum) + mean * momentum
+    run_var = run_var * (1.0 - momentum) + var * (count / (count - 1.0)) * momentum
+    tl.store(run_mean_ptr + feats, run_mean.to(run_mean_ptr.dtype.element_ty), mask=ok)
+    tl.store(run_var_ptr + feats, run_var.to(run_var_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -343,15 +446,27 @@ def _attention_pool_bwd_kernel(
     pw3, pb3, pa3, pg3, pe3,
     pw4, pb4, pa4, pg4, pe4,
     pwo, pbo,
+    # training-mode Dice: known sums [L, 2, HMAX], the counted positions n, sums partials [2, P, HS]
+    sums_ptr, count_ptr, psum_ptr,
     B, T, D, H1, H2, H3, H4, HL,
     stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_gb, stride_gd, stride_gsb, stride_gst,
+    HMAX, HS,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
     BLOCK_HL: tl.constexpr,
     NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DICE_TRAIN: tl.constexpr, COUNT_ALL: tl.constexpr, SUMS_LAYER: tl.constexpr, BLOCK_HS: tl.constexpr,
 ):
+    """The backward pass. With DICE_TRAIN the Dice layers were normalised with batch statistics
+    (passed as their mean/var; counted over all t < T with COUNT_ALL, else the valid positions), and
+    each layer's gradient gets the part through those statistics, which needs the layer's
+    S = sum_j dL/dx_hat_j and Q = sum_j dL/dx_hat_j x_hat_j over all positions. Those depend on the
+    layers above, so first one pass per layer l from the top down, SUMS_LAYER = l, backpropagates to
+    layer l with the known sums of the layers above and stores only per-program partials of
+    (sum dL/dz, sum dL/dz x_hat) for z = (weight *) x_hat (+ bias) to psum [2, P, HS]; then the full
+    pass (SUMS_LAYER = 0) runs with every layer's (S, Q) in sums."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -376,6 +491,19 @@ def _attention_pool_bwd_kernel(
         a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
     if NUM_LAYERS >= 4:
         a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+    S_1, Q_1 = _load_stat_sums(sums_ptr, 1, HMAX, H1, BLOCK_H1, DICE_TRAIN and SUMS_LAYER < 1)
+    S_2, Q_2 = S_1, Q_1  # placeholders for absent layers
+    S_3, Q_3 = S_1, Q_1
+    S_4, Q_4 = S_1, Q_1
+    if NUM_LAYERS >= 2:
+        S_2, Q_2 = _load_stat_sums(sums_ptr, 2, HMAX, H2, BLOCK_H2, DICE_TRAIN and SUMS_LAYER < 2)
+    if NUM_LAYERS >= 3:
+        S_3, Q_3 = _load_stat_sums(sums_ptr, 3, HMAX, H3, BLOCK_H3, DICE_TRAIN and SUMS_LAYER < 3)
+    if NUM_LAYERS >= 4:
+        S_4, Q_4 = _load_stat_sums(sums_ptr, 4, HMAX, H4, BLOCK_H4, DICE_TRAIN and SUMS_LAYER < 4)
+    inv_count = 0.0
+    if DICE_TRAIN:
+        inv_count = 1.0 / tl.load(count_ptr)
 
     # accumulators over this program's users (the fold's S1, S2, U and sum of dc_b; design.md)
     S1 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
@@ -431,85 +559,119 @@ def _attention_pool_bwd_kernel(
             dwo_acc += tl.sum(ds[:, None] * last, axis=0)
             dbo_acc += tl.sum(ds, axis=0)
             dh = ds[:, None] * wo[None, :]
+            counted = valid  # the positions in Dice's batch statistics
+            if COUNT_ALL:
+                counted = tmask
+            # each layer: into its pre-activation (+ through the batch statistics), then its weights;
+            # a sums pass stops at its layer
             if NUM_LAYERS >= 4:
-                G, da, dg, de = _act_bwd(x4, dh, a_4, m_4, s_4, g_4, e_4, ACT, AFFINE)
-                da4_acc += da
-                dg4_acc += dg
-                de4_acc += de
-                dw4_acc += _dot(tl.trans(h3), G, DOT_DTYPE, PRECISION)
-                db4_acc += tl.sum(G, axis=0)
-                dh = _dot(G, _load_weight(w4, sw4, H3, H4, BLOCK_H3, BLOCK_H4, DOT_DTYPE), DOT_DTYPE, PRECISION)
+                if SUMS_LAYER <= 4:
+                    G, da, dg, de = _act_bwd(x4, dh, a_4, m_4, s_4, g_4, e_4, ACT, AFFINE, DICE_TRAIN)
+                    da4_acc += da
+                    dg4_acc += dg
+                    de4_acc += de
+                    if SUMS_LAYER < 4:
+                        if DICE_TRAIN:
+                            G = _through_batch_stats(G, x4, m_4, s_4, S_4, Q_4, inv_count, counted)
+                        if SUMS_LAYER == 0:
+                            dw4_acc += _dot(tl.trans(h3), G, DOT_DTYPE, PRECISION)
+                            db4_acc += tl.sum(G, axis=0)
+                        dh = _dot(G, _load_weight(w4, sw4, H3, H4, BLOCK_H3, BLOCK_H4, DOT_DTYPE), DOT_DTYPE,
+                                  PRECISION)
             if NUM_LAYERS >= 3:
-                G, da, dg, de = _act_bwd(x3, dh, a_3, m_3, s_3, g_3, e_3, ACT, AFFINE)
-                da3_acc += da
-                dg3_acc += dg
-                de3_acc += de
-                dw3_acc += _dot(tl.trans(h2), G, DOT_DTYPE, PRECISION)
-                db3_acc += tl.sum(G, axis=0)
-                dh = _dot(G, _load_weight(w3, sw3, H2, H3, BLOCK_H2, BLOCK_H3, DOT_DTYPE), DOT_DTYPE, PRECISION)
+                if SUMS_LAYER <= 3:
+                    G, da, dg, de = _act_bwd(x3, dh, a_3, m_3, s_3, g_3, e_3, ACT, AFFINE, DICE_TRAIN)
+                    da3_acc += da
+                    dg3_acc += dg
+                    de3_acc += de
+                    if SUMS_LAYER < 3:
+                        if DICE_TRAIN:
+                            G = _through_batch_stats(G, x3, m_3, s_3, S_3, Q_3, inv_count, counted)
+                        if SUMS_LAYER == 0:
+                            dw3_acc += _dot(tl.trans(h2), G, DOT_DTYPE, PRECISION)
+                            db3_acc += tl.sum(G, axis=0)
+                        dh = _dot(G, _load_weight(w3, sw3, H2, H3, BLOCK_H2, BLOCK_H3, DOT_DTYPE), DOT_DTYPE,
+                                  PRECISION)
             if NUM_LAYERS >= 2:
-                G, da, dg, de = _act_bwd(x2, dh, a_2, m_2, s_2, g_2, e_2, ACT, AFFINE)
-                da2_acc += da
-                dg2_acc += dg
-                de2_acc += de
-                dw2_acc += _dot(tl.trans(h1), G, DOT_DTYPE, PRECISION)
-                db2_acc += tl.sum(G, axis=0)
-                dh = _dot(G, _load_weight(w2, sw2, H1, H2, BLOCK_H1, BLOCK_H2, DOT_DTYPE), DOT_DTYPE, PRECISION)
-            G, da, dg, de = _act_bwd(x1, dh, a_1, m_1, s_1, g_1, e_1, ACT, AFFINE)
-            da1_acc += da
-            dg1_acc += dg
-            de1_acc += de
-            dW_b += _dot(tl.trans(k), G, DOT_DTYPE, PRECISION)
-            dc_b += tl.sum(G, axis=0)
-            dk = _dot(G, tl.trans(W_b), DOT_DTYPE, PRECISION) + w[:, None] * g[None, :]
-            dk_offs = b64 * T * D + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
-            tl.store(dk_ptr + dk_offs, dk, mask=tile_mask)
-        S1 += dW_b
-        S2 += q[:, None] * dW_b
-        U += q[:, None] * dc_b[None, :]
-        db1_acc += dc_b
-        dq = _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D, BLOCK_H1)
-        tl.store(dq_ptr + b64 * D + offs_d, dq, mask=dmask)
+                if SUMS_LAYER <= 2:
+                    G, da, dg, de = _act_bwd(x2, dh, a_2, m_2, s_2, g_2, e_2, ACT, AFFINE, DICE_TRAIN)
+                    da2_acc += da
+                    dg2_acc += dg
+                    de2_acc += de
+                    if SUMS_LAYER < 2:
+                        if DICE_TRAIN:
+                            G = _through_batch_stats(G, x2, m_2, s_2, S_2, Q_2, inv_count, counted)
+                        if SUMS_LAYER == 0:
+                            dw2_acc += _dot(tl.trans(h1), G, DOT_DTYPE, PRECISION)
+                            db2_acc += tl.sum(G, axis=0)
+                        dh = _dot(G, _load_weight(w2, sw2, H1, H2, BLOCK_H1, BLOCK_H2, DOT_DTYPE), DOT_DTYPE,
+                                  PRECISION)
+            if SUMS_LAYER <= 1:
+                G, da, dg, de = _act_bwd(x1, dh, a_1, m_1, s_1, g_1, e_1, ACT, AFFINE, DICE_TRAIN)
+                da1_acc += da
+                dg1_acc += dg
+                de1_acc += de
+                if SUMS_LAYER == 0:
+                    if DICE_TRAIN:
+                        G = _through_batch_stats(G, x1, m_1, s_1, S_1, Q_1, inv_count, counted)
+                    dW_b += _dot(tl.trans(k), G, DOT_DTYPE, PRECISION)
+                    dc_b += tl.sum(G, axis=0)
+                    dk = _dot(G, tl.trans(W_b), DOT_DTYPE, PRECISION) + w[:, None] * g[None, :]
+                    dk_offs = b64 * T * D + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
+                    tl.store(dk_ptr + dk_offs, dk, mask=tile_mask)
+        if SUMS_LAYER == 0:
+            S1 += dW_b
+            S2 += q[:, None] * dW_b
+            U += q[:, None] * dc_b[None, :]
+            db1_acc += dc_b
+            dq = _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D, BLOCK_H1)
+            tl.store(dq_ptr + b64 * D + offs_d, dq, mask=dmask)
 
-    # this program's partials; dWq = U, dWk = S1, dWd = U - S1, dWp = S2 (in nn.Linear layout)
     pid64 = pid.to(tl.int64)
-    pw1_p = pw1 + pid64 * H1 * 4 * D
-    _store_weight_grad(pw1_p, U, 0, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-    _store_weight_grad(pw1_p, S1, D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-    _store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-    _store_weight_grad(pw1_p, S2, 3 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-    _store_vec(pb1 + pid64 * H1, db1_acc, H1, BLOCK_H1)
-    if NUM_LAYERS >= 2:
-        _store_weight_grad(pw2 + pid64 * H2 * H1, dw2_acc, 0, H1, H1, H2, BLOCK_H1, BLOCK_H2)
-        _store_vec(pb2 + pid64 * H2, db2_acc, H2, BLOCK_H2)
-    if NUM_LAYERS >= 3:
-        _store_weight_grad(pw3 + pid64 * H3 * H2, dw3_acc, 0, H2, H2, H3, BLOCK_H2, BLOCK_H3)
-        _store_vec(pb3 + pid64 * H3, db3_acc, H3, BLOCK_H3)
-    if NUM_LAYERS >= 4:
-        _store_weight_grad(pw4 + pid64 * H4 * H3, dw4_acc, 0, H3, H3, H4, BLOCK_H3, BLOCK_H4)
-        _store_vec(pb4 + pid64 * H4, db4_acc, H4, BLOCK_H4)
-    if ACT >= 2:  # PReLU slopes or Dice alpha
-        _store_vec(pa1 + pid64 * H1, da1_acc, H1, BLOCK_H1)
+    if SUMS_LAYER > 0:  # a sums pass: only this layer's partials
+        psum_p = psum_ptr + pid64 * HS
+        _store_vec(psum_p, _pick_layer(de1_acc, de2_acc, de3_acc, de4_acc, SUMS_LAYER), HS, BLOCK_HS)
+        _store_vec(psum_p + num_programs * HS, _pick_layer(dg1_acc, dg2_acc, dg3_acc, dg4_acc, SUMS_LAYER), HS,
+                   BLOCK_HS)
+    else:
+        # this program's partials; dWq = U, dWk = S1, dWd = U - S1, dWp = S2 (in nn.Linear layout)
+        pw1_p = pw1 + pid64 * H1 * 4 * D
+        _store_weight_grad(pw1_p, U, 0, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+        _store_weight_grad(pw1_p, S1, D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+        _store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+        _store_weight_grad(pw1_p, S2, 3 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
+        _store_vec(pb1 + pid64 * H1, db1_acc, H1, BLOCK_H1)
         if NUM_LAYERS >= 2:
-            _store_vec(pa2 + pid64 * H2, da2_acc, H2, BLOCK_H2)
+            _store_weight_grad(pw2 + pid64 * H2 * H1, dw2_acc, 0, H1, H1, H2, BLOCK_H1, BLOCK_H2)
+            _store_vec(pb2 + pid64 * H2, db2_acc, H2, BLOCK_H2)
         if NUM_LAYERS >= 3:
-            _store_vec(pa3 + pid64 * H3, da3_acc, H3, BLOCK_H3)
+            _store_weight_grad(pw3 + pid64 * H3 * H2, dw3_acc, 0, H2, H2, H3, BLOCK_H2, BLOCK_H3)
+            _store_vec(pb3 + pid64 * H3, db3_acc, H3, BLOCK_H3)
         if NUM_LAYERS >= 4:
-            _store_vec(pa4 + pid64 * H4, da4_acc, H4, BLOCK_H4)
-    if AFFINE:
-        _store_vec(pg1 + pid64 * H1, dg1_acc, H1, BLOCK_H1)
-        _store_vec(pe1 + pid64 * H1, de1_acc, H1, BLOCK_H1)
-        if NUM_LAYERS >= 2:
-            _store_vec(pg2 + pid64 * H2, dg2_acc, H2, BLOCK_H2)
-            _store_vec(pe2 + pid64 * H2, de2_acc, H2, BLOCK_H2)
-        if NUM_LAYERS >= 3:
-            _store_vec(pg3 + pid64 * H3, dg3_acc, H3, BLOCK_H3)
-            _store_vec(pe3 + pid64 * H3, de3_acc, H3, BLOCK_H3)
-        if NUM_LAYERS >= 4:
-            _store_vec(pg4 + pid64 * H4, dg4_acc, H4, BLOCK_H4)
-            _store_vec(pe4 + pid64 * H4, de4_acc, H4, BLOCK_H4)
-    _store_vec(pwo + pid64 * HL, dwo_acc, HL, BLOCK_HL)
-    tl.store(pbo + pid, dbo_acc)
+            _store_weight_grad(pw4 + pid64 * H4 * H3, dw4_acc, 0, H3, H3, H4, BLOCK_H3, BLOCK_H4)
+            _store_vec(pb4 + pid64 * H4, db4_acc, H4, BLOCK_H4)
+        if ACT >= 2:  # PReLU slopes or Dice alpha
+            _store_vec(pa1 + pid64 * H1, da1_acc, H1, BLOCK_H1)
+            if NUM_LAYERS >= 2:
+                _store_vec(pa2 + pid64 * H2, da2_acc, H2, BLOCK_H2)
+            if NUM_LAYERS >= 3:
+                _store_vec(pa3 + pid64 * H3, da3_acc, H3, BLOCK_H3)
+            if NUM_LAYERS >= 4:
+                _store_vec(pa4 + pid64 * H4, da4_acc, H4, BLOCK_H4)
+        if AFFINE:
+            _store_vec(pg1 + pid64 * H1, dg1_acc, H1, BLOCK_H1)
+            _store_vec(pe1 + pid64 * H1, de1_acc, H1, BLOCK_H1)
+            if NUM_LAYERS >= 2:
+                _store_vec(pg2 + pid64 * H2, dg2_acc, H2, BLOCK_H2)
+                _store_vec(pe2 + pid64 * H2, de2_acc, H2, BLOCK_H2)
+            if NUM_LAYERS >= 3:
+                _store_vec(pg3 + pid64 * H3, dg3_acc, H3, BLOCK_H3)
+                _store_vec(pe3 + pid64 * H3, de3_acc, H3, BLOCK_H3)
+            if NUM_LAYERS >= 4:
+                _store_vec(pg4 + pid64 * H4, dg4_acc, H4, BLOCK_H4)
+                _store_vec(pe4 + pid64 * H4, de4_acc, H4, BLOCK_H4)
+        _store_vec(pwo + pid64 * HL, dwo_acc, HL, BLOCK_HL)
+        tl.store(pbo + pid, dbo_acc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,7 +768,8 @@ def attention_pool_forward(
 
     query [B, D] and keys [B, T, D] must have stride 1 in their last dim (keys may be expanded, e.g.
     stride 0 over B); weights are read in place (stride 1 in their last dim). act_tensors per hidden
-    layer: [slope] for prelu, [alpha, running_mean, running_var(, weight, bias)] for dice in eval.
+    layer: [slope] for prelu, [alpha, mean, var(, weight, bias)] for dice, where mean/var are the
+    running statistics (eval) or the batch statistics from `attention_dice_batch_stats` (training).
     """
     batch, seq_len, dim = keys.shape
     device = keys.device
@@ -621,27 +784,82 @@ def attention_pool_forward(
     lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
     grid = (num_programs or _num_programs(batch, device, per_sm=8),)  # untuned: no GPU measured yet
     _attention_pool_fwd_kernel[grid](
-        query, keys, lengths, mask_bytes, out, scores, lse,
+        query, keys, lengths, mask_bytes, out, scores, lse, None,
         *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
         weights[-1], biases[-1],
         batch, seq_len, *sizes,
         query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),
-        scores.stride(0) if return_scores else 0,
+        scores.stride(0) if return_scores else 0, 0,
         HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-        STORE_SCORES=return_scores, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+        STORE_SCORES=return_scores, STATS_LAYER=0, COUNT_ALL=False, BLOCK_HS=16,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
     )
     return out, scores.to(keys.dtype), lse
+
+
+def attention_dice_batch_stats(
+    query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
+    act_tensors: Sequence[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor], dice_eps: float,
+    dice_affine: bool, count_all: bool, momenta: Sequence[float],
+    block_t: Optional[int] = None, num_programs: Optional[int] = None,
+) -> Tensor:
+    """Batch statistics of every training-mode Dice layer of the attention MLP, and the running
+    statistics' update (in place, on the device, as nn.BatchNorm1d: momentum, unbiased variance).
+
+    act_tensors: per hidden layer [alpha, running_mean, running_var(, weight, bias)]. The statistics
+    of layer l's pre-activation are taken over the valid positions, or over all B*T with count_all,
+    with the layers below l normalised by their own batch statistics: one pass over the keys per
+    layer (per-program count/mean/M2 partials), then a fixed-order merge. Returns fp32
+    [L, 3, max(H)]: per layer the mean, the biased variance and the count (repeated per feature);
+    only the first H_l entries of a row are written.
+    """
+    batch, seq_len, _ = keys.shape
+    device = keys.device
+    hidden = [w.shape[0] for w in weights[:-1]]
+    h_max = max(hidden)
+    stats = _new((len(hidden), 3, h_max), torch.float32, device)
+    sizes, meta = _common_meta(keys, weights, "dice", dice_affine, block_t, tile_budget=4096)
+    lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
+    # few programs: every partial is merged by the small kernel below (untuned: no GPU measured yet)
+    programs = num_programs or _num_programs(max(batch, 1), device, per_sm=2)
+    per_layer = 5 if dice_affine else 3
+    act = list(act_tensors)
+    for layer, width in enumerate(hidden):
+        parts = _new((3, programs, width), torch.float32, device)
+        _attention_pool_fwd_kernel[(programs,)](
+            query, keys, lengths, mask_bytes, None, None, None, parts,
+            *_layer_args(weights, biases, act, "dice", dice_eps, dice_affine),
+            weights[-1], biases[-1],
+            batch, seq_len, *sizes,
+            query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, 0, 0, width,
+            HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=False, STORE_SCORES=False,
+            STATS_LAYER=layer + 1, COUNT_ALL=count_all, BLOCK_HS=_block(width),
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+        )
+        block_h = min(_block(width), 64)
+        running_mean, running_var = act[layer * per_layer + 1], act[layer * per_layer + 2]
+        _dice_batch_stats_kernel[(triton.cdiv(width, block_h),)](
+            parts, programs, width, stats[layer], h_max, running_mean, running_var, float(momenta[layer]),
+            BLOCK_P=min(triton.next_power_of_2(programs), max(1, 4096 // block_h)), BLOCK_H=block_h,
+        )
+        # the passes for the layers above normalise this one with its batch statistics
+        act[layer * per_layer + 1] = stats[layer, 0, :width]
+        act[layer * per_layer + 2] = stats[layer, 1, :width]
+    return stats
 
 
 def attention_pool_backward(
     grad_out: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
     weights: Sequence[Tensor], biases: Sequence[Tensor], act_tensors: Sequence[Tensor],
     lengths: Optional[Tensor], mask: Optional[Tensor], lse: Tensor, delta: Optional[Tensor], activation: str,
-    dice_eps: float, dice_affine: bool, softmax: bool,
-    block_t: Optional[int] = None, num_programs: Optional[int] = None,
+    dice_eps: float, dice_affine: bool, softmax: bool, dice_count: Optional[Tensor] = None,
+    dice_count_all: bool = False, block_t: Optional[int] = None, num_programs: Optional[int] = None,
 ) -> List[Tensor]:
     """Launch the backward kernel. grad_out [B, D] and grad_scores [B, T] (or None) with any strides
     (autograd hands expanded ones, e.g. for a plain .sum()); for softmax, lse from the forward and delta [B] fp32 = sum_t w_t dL/dw_t.
+    Training-mode Dice: act_tensors hold the batch statistics as mean/var, dice_count is the fp32
+    count of the positions they were taken over (one element) and dice_count_all says which
+    (all t < T, or the valid ones); the gradients then include the terms through the statistics.
 
     Returns [dquery, dkeys, *dweights, *dbiases, *dact] where dact holds per hidden layer the
     slope's gradient (prelu) or alpha's (dice), then Dice's weight and bias (affine).
@@ -672,17 +890,34 @@ def attention_pool_backward(
                 partial_args += [partial_w[layer], partial_b[layer], partial_a[layer], partial_g[layer], partial_e[layer]]
             else:
                 partial_args += [None] * 5
-        _attention_pool_bwd_kernel[(programs,)](
-            query, keys, lengths, mask_bytes, grad_out, grad_scores, lse, delta, dq, dk,
-            *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
-            weights[-1], biases[-1],
-            *partial_args, partial_w[-1], partial_b[-1],
-            batch, seq_len, *sizes,
-            query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
-            *(grad_scores.stride() if grad_scores is not None else (0, 0)),
-            HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
-            HAS_GRAD_SCORES=grad_scores is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
-        )
+        dice_train = dice_count is not None
+        sums = _new((len(hidden), 2, max(hidden)), torch.float32, device) if dice_train else None
+
+        def launch(sums_layer, psum, width):
+            _attention_pool_bwd_kernel[(programs,)](
+                query, keys, lengths, mask_bytes, grad_out, grad_scores, lse, delta, dq, dk,
+                *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
+                weights[-1], biases[-1],
+                *partial_args, partial_w[-1], partial_b[-1], sums, dice_count, psum,
+                batch, seq_len, *sizes,
+                query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
+                *(grad_scores.stride() if grad_scores is not None else (0, 0)), max(hidden), width,
+                HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
+                HAS_GRAD_SCORES=grad_scores is not None, DICE_TRAIN=dice_train, COUNT_ALL=dice_count_all,
+                SUMS_LAYER=sums_layer, BLOCK_HS=_block(width), num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+            )
+
+        if dice_train:  # the layers' (S, Q) through the batch statistics, from the top layer down
+            per_layer = 5 if dice_affine else 3
+            for layer in reversed(range(len(hidden))):
+                width = hidden[layer]
+                psum = _new((2, programs, width), torch.float32, device)
+                launch(layer + 1, psum, width)
+                layer_sums = psum.sum(1)  # (sum dL/dz, sum dL/dz * x_hat), in a fixed order
+                if dice_affine:  # dL/dx_hat = weight * dL/dz
+                    layer_sums = layer_sums * act_tensors[layer * per_layer + 3].float()
+                sums[layer, :, :width] = layer_sums
+        launch(0, None, 0)
     dweights = [p.sum(0).to(w.dtype) for p, w in zip(partial_w, weights)]
     dbiases = [p.sum(0).to(b.dtype) for p, b in zip(partial_b, biases)]
     dact = []

@@ -293,21 +293,13 @@ def test_kernel_gap_names_each_uncovered_case():
     eval_dice = [DiceParams(torch.zeros(h), torch.zeros(h), torch.ones(h), training=False) for h in (80, 40)]
     assert gap(keys, weights, "dice", eval_dice) is None
     train_dice = [p._replace(training=True) for p in eval_dice]
-    assert "training" in gap(keys, weights, "dice", train_dice)
+    assert gap(keys, weights, "dice", train_dice) is None
+    assert "mix training and eval" in gap(keys, weights, "dice", [train_dice[0], eval_dice[1]])
     assert "D = 300" in gap(torch.zeros(2, 3, 300), weights, "sigmoid", None)
     assert "600 > 512" in gap(keys, [torch.zeros(600, 32), torch.zeros(1, 600)], "sigmoid", None)
     assert "5 hidden layers" in gap(keys, [torch.zeros(4, 32)] + [torch.zeros(4, 4)] * 4 + [torch.zeros(1, 4)],
                                     "sigmoid", None)
     assert "float64" in gap(keys.double(), weights, "sigmoid", None)
-
-
-def test_training_dice_dispatches_to_reference():
-    module = AttentionPooling(6, (5,), activation="dice", backend="triton").train()
-    query, keys = torch.randn(3, 6), torch.randn(3, 4, 6)
-    with pytest.raises(NotImplementedError, match="training"):
-        module(query, keys)
-    module.backend = "auto"  # on the CPU (or for this case on CUDA) auto takes the reference
-    assert module(query, keys).shape == (3, 6)
 
 
 def test_empty_batch():
