@@ -272,8 +272,7 @@ def _attention_act_tensors(activation: str, act_params) -> tuple:
     return tensors, float(act_params[0].eps), affine  # one eps for all layers (attention_kernel_gap)
 
 
-@torch.library.custom_op("fastdin::attention_dice_stats", mutates_args=("running_means", "running_vars"))
-def _attention_dice_stats_op(
+def _attention_dice_stats(
     query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
     running_means: list[Tensor], running_vars: list[Tensor], dice_weights: list[Tensor], dice_biases: list[Tensor],
     lengths: Optional[Tensor], mask: Optional[Tensor], dice_eps: float, count_all: bool, momenta: list[float],
@@ -289,6 +288,12 @@ def _attention_dice_stats_op(
     return _attention_kernels().attention_dice_batch_stats(
         query, keys, weights, biases, act_tensors, lengths, mask, dice_eps, affine, count_all, momenta,
     )
+
+
+# eager calls the function itself (see _AttentionPoolFunction); torch.compile sees the op
+_attention_dice_stats_op = torch.library.custom_op(
+    "fastdin::attention_dice_stats", _attention_dice_stats, mutates_args=("running_means", "running_vars")
+)
 
 
 @_attention_dice_stats_op.register_fake
@@ -366,7 +371,8 @@ def _attention_pool_setup_context(ctx, inputs, output):
     ctx.softmax, ctx.return_scores, ctx.dice_count_all = softmax, return_scores, dice_count_all
 
 
-def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
+def _attention_pool_grads(ctx, grad_out, grad_scores, backward_kernels):
+    """The backward shared by the custom op and the eager Function: (dquery, dkeys, dweights, dbiases, dact)."""
     query, keys, lengths, mask, out, scores, lse, dice_count, *params = ctx.saved_tensors
     layers = ctx.layers
     weights, biases, act_tensors = params[:layers], params[layers:2 * layers], params[2 * layers:]
@@ -380,9 +386,9 @@ def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
         delta = (out.float() * grad_out.float()).sum(-1)
         if grad_scores is not None:
             delta = delta + (scores.float() * grad_scores.float()).sum(-1)
-    grads = _attention_pool_backward_op(
-        grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
-        ctx.activation, ctx.dice_eps, ctx.dice_affine, ctx.softmax, dice_count, ctx.dice_count_all,
+    grads = backward_kernels(
+        grad_out, grad_scores, query, keys, list(weights), list(biases), list(act_tensors), lengths, mask, lse,
+        delta, ctx.activation, ctx.dice_eps, ctx.dice_affine, ctx.softmax, dice_count, ctx.dice_count_all,
     )
     dquery, dkeys = grads[0], grads[1]
     dweights, dbiases = grads[2:2 + layers], grads[2 + layers:2 + 2 * layers]
@@ -392,18 +398,55 @@ def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
         None if ctx.activation == "dice" and i % per_layer in (1, 2) else next(trained)
         for i in range(len(act_tensors))
     ]
-    return dquery, dkeys, dweights, dbiases, dact, None, None, None, None, None, None, None, None, None
+    return dquery, dkeys, dweights, dbiases, dact
+
+
+def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
+    grads = _attention_pool_grads(ctx, grad_out, grad_scores, _attention_pool_backward_op)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 _attention_pool_op.register_autograd(_attention_pool_backward, setup_context=_attention_pool_setup_context)
+
+
+class _AttentionPoolFunction(torch.autograd.Function):
+    """The eager path of fastdin::attention_pool: the same kernels and backward without the custom
+    op's dispatch, which costs about 8x the host time of an autograd.Function per call
+    (bench/dispatch_overhead.py: 229 vs 29 us on a 2-core CPU), too much where a launch takes tens
+    of microseconds."""
+
+    @staticmethod
+    def forward(ctx, query, keys, lengths, mask, activation, dice_eps, dice_affine, softmax, return_scores,
+                dice_count, dice_count_all, layers, *tensors):
+        weights, biases = list(tensors[:layers]), list(tensors[layers:2 * layers])
+        act_tensors = list(tensors[2 * layers:])
+        output = _attention_kernels().attention_pool_forward(
+            query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
+            softmax, return_scores,
+        )
+        inputs = (query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
+                  softmax, return_scores, dice_count, dice_count_all)
+        _attention_pool_setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # unused outputs (scores, lse) bring None, not zero tensors
+        ctx.mark_non_differentiable(output[2])
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_scores, _grad_lse):
+        dquery, dkeys, dweights, dbiases, dact = _attention_pool_grads(
+            ctx, grad_out, grad_scores, _attention_kernels().attention_pool_backward
+        )
+        return (dquery, dkeys) + (None,) * 10 + (*dweights, *dbiases, *dact)
 
 
 def _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask, dice_eps, dice_affine,
                            count_all):
     """Training-mode Dice: (act tensors with the batch statistics as mean/var, the count they were
     taken over as a 1-element tensor); updates the running statistics."""
+    stats_op = _attention_dice_stats_op if torch.compiler.is_compiling() else _attention_dice_stats
     with torch.no_grad():  # the gradient through the statistics is the attention op's backward
-        stats = _attention_dice_stats_op(
+        stats = stats_op(
             query, keys, list(weights), list(biases), [p.alpha.reshape(-1) for p in act_params],
             [p.running_mean for p in act_params], [p.running_var for p in act_params],
             [p.weight.reshape(-1) for p in act_params] if dice_affine else [],
@@ -435,10 +478,17 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     if activation == "dice" and act_params[0].training:
         act_tensors, dice_count = _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask,
                                                          dice_eps, dice_affine, count_all)
-    out, scores, _lse = _attention_pool_op(
-        query, keys, list(weights), list(biases), act_tensors, lengths, mask, activation, dice_eps, dice_affine,
-        normalization == "softmax", return_scores, dice_count, count_all,
-    )
+    softmax = normalization == "softmax"
+    if torch.compiler.is_compiling():  # one opaque graph node
+        out, scores, _lse = _attention_pool_op(
+            query, keys, list(weights), list(biases), act_tensors, lengths, mask, activation, dice_eps,
+            dice_affine, softmax, return_scores, dice_count, count_all,
+        )
+    else:
+        out, scores, _lse = _AttentionPoolFunction.apply(
+            query, keys, lengths, mask, activation, dice_eps, dice_affine, softmax, return_scores, dice_count,
+            count_all, len(weights), *weights, *biases, *act_tensors,
+        )
     return out, (scores if return_scores else None)
 
 
@@ -600,8 +650,8 @@ class _DiceFunction(torch.autograd.Function):
 
 
 # The same kernels as torch.library ops, so torch.compile(fullgraph=True) and export trace through Dice.
-# Eager calls go through _DiceFunction: a custom op's dispatch cost several times the host time of an
-# autograd.Function per call (measured on CPU), which matters at launch-bound sizes.
+# Eager calls go through _DiceFunction: a custom op's dispatch costs several times the host time of
+# an autograd.Function per call (bench/dispatch_overhead.py), which matters at launch-bound sizes.
 
 
 @torch.library.custom_op("fastdin::dice", mutates_args=())
