@@ -4,7 +4,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdin import functional
+from fastdin import functional, reference
 from fastdin.layers import MLP, AttentionPooling
 
 POOLINGS = ("attention", "sum")
@@ -84,7 +84,7 @@ class DIN(nn.Module):
         else:
             # the same checks of lengths as attention pooling makes
             lengths = functional.check_positions(lengths, None, history.shape[0], history.shape[1])
-            valid = torch.arange(history.shape[1], device=history.device) < lengths.reshape(-1, 1)
+            valid = reference.valid_positions(lengths, None, history.shape[0], history.shape[1], history.device)
             interest = (history * valid.unsqueeze(-1)).sum(1)
         parts = []
         if "user_sparse" in batch:
