@@ -15,7 +15,6 @@ Rows are printed and appended to bench/results/mba_step_<cpu|cuda>.csv.
     python bench/bench_mba_step.py --device cuda   # adds the mba-triton variant
 """
 import argparse
-import csv
 import datetime
 import itertools
 import os
@@ -25,6 +24,7 @@ import torch
 import torch.utils.benchmark as torch_benchmark
 from torch import nn
 
+from fastdin.bench import report
 from fastdin.regularization import FullL2Regularizer, MBARegularizer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -186,13 +186,7 @@ def main():
               f"  {row['regularizer_ms']:>14}")
 
     path = args.csv or os.path.join(RESULTS, f"mba_step_{device.type}.csv")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new_file = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    report.append_csv(path, rows, COLUMNS)
     print(f"appended {len(rows)} rows to {path}")
 
 

@@ -16,7 +16,6 @@ bench/results/mba_overfit_<cpu|cuda>.csv, with the CPU/GPU name, torch version, 
     python bench/mba_overfit.py          # about 2 minutes on one CPU thread
 """
 import argparse
-import csv
 import datetime
 import os
 import shlex
@@ -28,6 +27,7 @@ import torch
 from fastdin.bench.measure import device_name
 from fastdin.data import SyntheticConfig, SyntheticDIN
 from fastdin.model import DIN
+from fastdin.bench import report
 from fastdin.regularization import FullL2Regularizer, MBARegularizer
 from fastdin.train import OPTIMIZERS, auto_device, train
 
@@ -115,13 +115,7 @@ def main():
 
     print_table(rows, args.epochs)
     path = args.csv or os.path.join(RESULTS, f"mba_overfit_{device.type}.csv")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    report.append_csv(path, rows, COLUMNS)
     print(f"appended {len(rows)} rows to {path}")
 
 

@@ -54,15 +54,16 @@ def _cell(row: Dict, key: str) -> str:
     return fmt(row.get(key), key)
 
 
-def append_csv(path: str, rows: Sequence[Dict]) -> None:
-    """Append rows to the CSV at path, writing the header when the file is new."""
+def append_csv(path: str, rows: Sequence[Dict], columns: Sequence[str] = COLUMNS) -> None:
+    """Append rows to the CSV at path (its folder made if missing), writing the header when the file is new."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
 
 
 def _csv_value(value):
