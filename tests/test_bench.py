@@ -118,3 +118,36 @@ def test_deepctr_peer_gets_the_same_weights(activation, training):
     lengths = torch.tensor([9, 1, 4, 0, 7])
     ours, theirs = pool(query, keys, lengths=lengths), peer(query, keys, lengths)
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def run_script(name, *argv):
+    """Run one of bench/'s standalone scripts as a user would; returns its stdout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / name
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_mba_step_script_writes_its_rows(tmp_path):
+    path = tmp_path / "mba_step.csv"
+    run_script("bench_mba_step.py", "--rows", "1000", "--dim", "8", "--batch", "16", "--min-run-s", "0.01",
+               "--csv", str(path))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["grad"], r["variant"]) for r in rows} == {
+        (g, v) for g in ("dense", "sparse") for v in ("none", "mba", "full-l2")}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_mba_overfit_script_writes_its_rows(tmp_path):
+    path = tmp_path / "overfit.csv"
+    out = run_script("mba_overfit.py", "--epochs", "1", "--train-size", "256", "--test-size", "256",
+                     "--csv", str(path))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["variant"] for r in rows) == ["l2", "l2", "mba", "mba", "mba", "none"], out  # the default grids
+    assert all(0.0 <= float(r["test_auc"]) <= 1.0 and float(r["test_logloss"]) > 0 for r in rows)
