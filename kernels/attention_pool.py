@@ -114,6 +114,33 @@ def _load_act(a_ptr, a_stride, m_ptr, v_ptr, g_ptr, e_ptr, eps, n, BLOCK: tl.con
 
 
 @triton.jit
+def _load_mlp_params(b1, a1, sa1, m1, v1, g1, e1, eps1, b2, a2, sa2, m2, v2, g2, e2, eps2,
+                     b3, a3, sa3, m3, v3, g3, e3, eps3, b4, a4, sa4, m4, v4, g4, e4, eps4, wo_ptr, bo_ptr,
+                     H1, H2, H3, H4, HL, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr,
+                     BLOCK_H4: tl.constexpr, BLOCK_HL: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr,
+                     AFFINE: tl.constexpr):
+    """What a program loads once: per hidden layer its bias and activation parameters (the tuple of
+    _load_act), then the score layer's weight row and bias. Absent layers get the first layer's as
+    placeholders (never used)."""
+    bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
+    act1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
+    bias2, bias3, bias4 = bias1, bias1, bias1
+    act2, act3, act4 = act1, act1, act1
+    if NUM_LAYERS >= 2:
+        bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
+        act2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
+    if NUM_LAYERS >= 3:
+        bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
+        act3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
+    if NUM_LAYERS >= 4:
+        bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
+        act4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+    wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
+    bo = tl.load(bo_ptr).to(tl.float32)
+    return bias1, bias2, bias3, bias4, act1, act2, act3, act4, wo, bo
+
+
+@triton.jit
 def _dice_gate(x, mean, inv_std, gamma, beta, AFFINE: tl.constexpr):
     z = (x - mean[None, :]) * inv_std[None, :]
     if AFFINE:
@@ -122,7 +149,8 @@ def _dice_gate(x, mean, inv_std, gamma, beta, AFFINE: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd(x, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.constexpr):
+def _act_fwd(x, act, ACT: tl.constexpr, AFFINE: tl.constexpr):
+    a, mean, inv_std, gamma, beta = act
     if ACT == 0:
         h = tl.sigmoid(x)
     elif ACT == 1:
@@ -136,11 +164,11 @@ def _act_fwd(x, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.con
 
 
 @triton.jit
-def _act_bwd(x, dh, a, mean, inv_std, gamma, beta, ACT: tl.constexpr, AFFINE: tl.constexpr,
-             SUMS: tl.constexpr):
+def _act_bwd(x, dh, act, ACT: tl.constexpr, AFFINE: tl.constexpr, SUMS: tl.constexpr):
     """Gradient into the pre-activation x (statistics held fixed), and per-feature sums over the tile of
     (slope or alpha gradient, dL/dz * x_hat, dL/dz) for Dice's z = (weight *) x_hat (+ bias): the
     gradients of Dice's weight and bias, also computed without affine when SUMS (batch statistics)."""
+    a, mean, inv_std, gamma, beta = act
     da = tl.sum(tl.zeros_like(x), axis=0)
     dgamma, dbeta = da, da
     if ACT == 0:
@@ -211,37 +239,37 @@ def _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D: tl.constex
 
 
 @triton.jit
-def _mlp_tile(k, W_b, c_b,
-              w2, sw2, b2, w3, sw3, b3, w4, sw4, b4, wo, bo, H1, H2, H3, H4,
-              a1, m1, s1, g1, e1, a2, m2, s2, g2, e2, a3, m3, s3, g3, e3, a4, m4, s4, g4, e4,
+def _hidden_layer_fwd(x_below, h_below, w, sw, bias, n_in, n_out, act, LAYER: tl.constexpr,
+                      NUM_LAYERS: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, ACT: tl.constexpr,
+                      AFFINE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Hidden layer LAYER >= 2 on a tile: its pre-activation x and activation h. An absent layer passes
+    the layer below through, so the top layer's h is always the last hidden activation."""
+    x, h = x_below, h_below
+    if NUM_LAYERS >= LAYER:
+        w_t = _load_weight_t(w, sw, 0, n_in, n_out, BLOCK_IN, BLOCK_OUT).to(DOT_DTYPE)
+        x = _dot(h_below, w_t, DOT_DTYPE, PRECISION) + bias[None, :]
+        h = _act_fwd(x, act, ACT, AFFINE)
+    return x, h
+
+
+@triton.jit
+def _mlp_tile(k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
+              act1, act2, act3, act4,
               BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
               NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one [BLOCK_T, BLOCK_D] key tile, with every pre-activation x_l and activation h_l
-    (layers past NUM_LAYERS repeat the last ones; they are not used)."""
+    (layers past NUM_LAYERS repeat the last one, so h4 is the last hidden activation)."""
     x1 = _dot(k, W_b, DOT_DTYPE, PRECISION) + c_b[None, :]
-    h1 = _act_fwd(x1, a1, m1, s1, g1, e1, ACT, AFFINE)
-    x2, h2 = x1, h1
-    x3, h3 = x1, h1
-    x4, h4 = x1, h1
-    last = h1
-    if NUM_LAYERS >= 2:
-        w2t = _load_weight_t(w2, sw2, 0, H1, H2, BLOCK_H1, BLOCK_H2).to(DOT_DTYPE)
-        x2 = _dot(h1, w2t, DOT_DTYPE, PRECISION) + b2[None, :]
-        h2 = _act_fwd(x2, a2, m2, s2, g2, e2, ACT, AFFINE)
-        last = h2
-    if NUM_LAYERS >= 3:
-        w3t = _load_weight_t(w3, sw3, 0, H2, H3, BLOCK_H2, BLOCK_H3).to(DOT_DTYPE)
-        x3 = _dot(h2, w3t, DOT_DTYPE, PRECISION) + b3[None, :]
-        h3 = _act_fwd(x3, a3, m3, s3, g3, e3, ACT, AFFINE)
-        last = h3
-    if NUM_LAYERS >= 4:
-        w4t = _load_weight_t(w4, sw4, 0, H3, H4, BLOCK_H3, BLOCK_H4).to(DOT_DTYPE)
-        x4 = _dot(h3, w4t, DOT_DTYPE, PRECISION) + b4[None, :]
-        h4 = _act_fwd(x4, a4, m4, s4, g4, e4, ACT, AFFINE)
-        last = h4
-    s = tl.sum(last * wo[None, :], axis=1) + bo
-    return s, x1, h1, x2, h2, x3, h3, x4, h4, last
+    h1 = _act_fwd(x1, act1, ACT, AFFINE)
+    x2, h2 = _hidden_layer_fwd(x1, h1, w2, sw2, bias2, H1, H2, act2, 2, NUM_LAYERS, BLOCK_H1, BLOCK_H2, ACT, AFFINE,
+                               DOT_DTYPE, PRECISION)
+    x3, h3 = _hidden_layer_fwd(x2, h2, w3, sw3, bias3, H2, H3, act3, 3, NUM_LAYERS, BLOCK_H2, BLOCK_H3, ACT, AFFINE,
+                               DOT_DTYPE, PRECISION)
+    x4, h4 = _hidden_layer_fwd(x3, h3, w4, sw4, bias4, H3, H4, act4, 4, NUM_LAYERS, BLOCK_H3, BLOCK_H4, ACT, AFFINE,
+                               DOT_DTYPE, PRECISION)
+    s = tl.sum(h4 * wo[None, :], axis=1) + bo
+    return s, x1, h1, x2, h2, x3, h3, x4, h4
 
 
 @triton.jit
@@ -288,6 +316,74 @@ def _through_batch_stats(G, x, mean, inv_std, S, Q, inv_count, counted):
     return G - tl.where(counted[:, None], through, 0.0)
 
 
+@triton.jit
+def _zero_act_grads(act):
+    """Accumulators of a layer's (slope or alpha, Dice weight, Dice bias) gradients."""
+    a, _, _, _, _ = act
+    return tl.zeros_like(a), tl.zeros_like(a), tl.zeros_like(a)
+
+
+@triton.jit
+def _pre_activation_grad(x, dh, act, stat_sums, inv_count, counted, dact, LAYER: tl.constexpr,
+                         SUMS_LAYER: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
+                         DICE_TRAIN: tl.constexpr):
+    """Layer LAYER's G = dL/dx on a tile from dL/dh, adding the tile's sums to the activation-parameter
+    accumulators dact. With batch statistics G also gets the part through them, whose (S, Q) are
+    known in every pass but the layer's own sums pass."""
+    G, da, dg, de = _act_bwd(x, dh, act, ACT, AFFINE, DICE_TRAIN)
+    da_acc, dg_acc, de_acc = dact
+    if SUMS_LAYER < LAYER:
+        if DICE_TRAIN:
+            _, mean, inv_std, _, _ = act
+            S, Q = stat_sums
+            G = _through_batch_stats(G, x, mean, inv_std, S, Q, inv_count, counted)
+    return G, (da_acc + da, dg_acc + dg, de_acc + de)
+
+
+@triton.jit
+def _hidden_layer_bwd(dh, x, h_below, w, sw, n_in, n_out, act, stat_sums, inv_count, counted, grads,
+                      LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr, SUMS_LAYER: tl.constexpr, ACT: tl.constexpr,
+                      AFFINE: tl.constexpr, DICE_TRAIN: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """Hidden layer LAYER >= 2 on a tile: dL/dh_l into dL/dh_{l-1}, adding to grads = (weight, bias,
+    activation-parameter accumulators). An absent layer passes dh through; a sums pass stops at its
+    layer and leaves the weights alone."""
+    dw, db, dact = grads
+    if NUM_LAYERS >= LAYER:
+        if SUMS_LAYER <= LAYER:
+            G, dact = _pre_activation_grad(x, dh, act, stat_sums, inv_count, counted, dact, LAYER, SUMS_LAYER,
+                                           ACT, AFFINE, DICE_TRAIN)
+            if SUMS_LAYER < LAYER:
+                if SUMS_LAYER == 0:
+                    dw += _dot(tl.trans(h_below), G, DOT_DTYPE, PRECISION)
+                    db += tl.sum(G, axis=0)
+                w_tile = _load_weight(w, sw, n_in, n_out, h_below.shape[1], x.shape[1], DOT_DTYPE)
+                dh = _dot(G, w_tile, DOT_DTYPE, PRECISION)
+    return dh, (dw, db, dact)
+
+
+@triton.jit
+def _store_act_partials(pid64, pa, pg, pe, dact, n, BLOCK: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr):
+    """A program's partials of one layer's activation parameters: PReLU slopes or Dice alpha, Dice's weight and bias."""
+    da, dg, de = dact
+    if ACT >= 2:
+        _store_vec(pa + pid64 * n, da, n, BLOCK)
+    if AFFINE:
+        _store_vec(pg + pid64 * n, dg, n, BLOCK)
+        _store_vec(pe + pid64 * n, de, n, BLOCK)
+
+
+@triton.jit
+def _store_layer_partials(pid64, pw, pb, pa, pg, pe, grads, n_in, n_out, LAYER: tl.constexpr,
+                          NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr):
+    """A program's partials of hidden layer LAYER >= 2 (if present): weight, bias, activation parameters."""
+    if NUM_LAYERS >= LAYER:
+        dw, db, dact = grads
+        _store_weight_grad(pw + pid64 * n_out * n_in, dw, 0, n_in, n_in, n_out, dw.shape[0], dw.shape[1])
+        _store_vec(pb + pid64 * n_out, db, n_out, dw.shape[1])
+        _store_act_partials(pid64, pa, pg, pe, dact, n_out, dw.shape[1], ACT, AFFINE)
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 #
@@ -323,26 +419,10 @@ def _attention_pool_fwd_kernel(
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
-    bias2, bias3, bias4 = bias1, bias1, bias1  # placeholders for absent layers
-    if NUM_LAYERS >= 2:
-        bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
-    if NUM_LAYERS >= 3:
-        bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
-    if NUM_LAYERS >= 4:
-        bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
-    wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
-    bo = tl.load(bo_ptr).to(tl.float32)
-    a_1, m_1, s_1, g_1, e_1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
-    a_2, m_2, s_2, g_2, e_2 = a_1, m_1, s_1, g_1, e_1  # placeholders for absent layers
-    a_3, m_3, s_3, g_3, e_3 = a_1, m_1, s_1, g_1, e_1
-    a_4, m_4, s_4, g_4, e_4 = a_1, m_1, s_1, g_1, e_1
-    if NUM_LAYERS >= 2:
-        a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
-    if NUM_LAYERS >= 3:
-        a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
-    if NUM_LAYERS >= 4:
-        a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
+    bias1, bias2, bias3, bias4, act1, act2, act3, act4, wo, bo = _load_mlp_params(
+        b1, a1, sa1, m1, v1, g1, e1, eps1, b2, a2, sa2, m2, v2, g2, e2, eps2, b3, a3, sa3, m3, v3, g3, e3, eps3,
+        b4, a4, sa4, m4, v4, g4, e4, eps4, wo_ptr, bo_ptr, H1, H2, H3, H4, HL,
+        BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, BLOCK_HL, NUM_LAYERS, ACT, AFFINE)
     st_count = tl.zeros([BLOCK_HS], dtype=tl.float32)  # statistics pass: this program's summary
     st_mean = tl.zeros([BLOCK_HS], dtype=tl.float32)
     st_m2 = tl.zeros([BLOCK_HS], dtype=tl.float32)
@@ -359,10 +439,10 @@ def _attention_pool_fwd_kernel(
             valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK)
             k_ptrs = k_ptr + b64 * stride_kb + offs_t.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
             k = tl.load(k_ptrs, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            s, _x1, _h1, _x2, _h2, _x3, _h3, _x4, _h4, _last = _mlp_tile(
+            s, _x1, _h1, _x2, _h2, _x3, _h3, _x4, _h4 = _mlp_tile(
                 k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
-                a_1, m_1, s_1, g_1, e_1, a_2, m_2, s_2, g_2, e_2, a_3, m_3, s_3, g_3, e_3, a_4, m_4, s_4, g_4, e_4,
-                BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
+                act1, act2, act3, act4, BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE,
+                PRECISION)
             if STATS_LAYER > 0:  # the layers above l (and the score) are unused here
                 counted = valid
                 if COUNT_ALL:
@@ -467,40 +547,22 @@ def _attention_pool_bwd_kernel(
     layer l with the known sums of the layers above and stores only per-program partials of
     (sum dL/dz, sum dL/dz x_hat) for z = (weight *) x_hat (+ bias) to psum [2, P, HS]; then the full
     pass (SUMS_LAYER = 0) runs with every layer's (S, Q) in sums."""
+    bias1, bias2, bias3, bias4, act1, act2, act3, act4, wo, bo = _load_mlp_params(
+        b1, a1, sa1, m1, v1, g1, e1, eps1, b2, a2, sa2, m2, v2, g2, e2, eps2, b3, a3, sa3, m3, v3, g3, e3, eps3,
+        b4, a4, sa4, m4, v4, g4, e4, eps4, wo_ptr, bo_ptr, H1, H2, H3, H4, HL,
+        BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, BLOCK_HL, NUM_LAYERS, ACT, AFFINE)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
-    bias2, bias3, bias4 = bias1, bias1, bias1  # placeholders for absent layers
+    stat_sums1 = _load_stat_sums(sums_ptr, 1, HMAX, H1, BLOCK_H1, DICE_TRAIN and SUMS_LAYER < 1)
+    stat_sums2, stat_sums3, stat_sums4 = stat_sums1, stat_sums1, stat_sums1  # placeholders for absent layers
     if NUM_LAYERS >= 2:
-        bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
+        stat_sums2 = _load_stat_sums(sums_ptr, 2, HMAX, H2, BLOCK_H2, DICE_TRAIN and SUMS_LAYER < 2)
     if NUM_LAYERS >= 3:
-        bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
+        stat_sums3 = _load_stat_sums(sums_ptr, 3, HMAX, H3, BLOCK_H3, DICE_TRAIN and SUMS_LAYER < 3)
     if NUM_LAYERS >= 4:
-        bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
-    wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
-    bo = tl.load(bo_ptr).to(tl.float32)
-    a_1, m_1, s_1, g_1, e_1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
-    a_2, m_2, s_2, g_2, e_2 = a_1, m_1, s_1, g_1, e_1  # placeholders for absent layers
-    a_3, m_3, s_3, g_3, e_3 = a_1, m_1, s_1, g_1, e_1
-    a_4, m_4, s_4, g_4, e_4 = a_1, m_1, s_1, g_1, e_1
-    if NUM_LAYERS >= 2:
-        a_2, m_2, s_2, g_2, e_2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
-    if NUM_LAYERS >= 3:
-        a_3, m_3, s_3, g_3, e_3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
-    if NUM_LAYERS >= 4:
-        a_4, m_4, s_4, g_4, e_4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
-    S_1, Q_1 = _load_stat_sums(sums_ptr, 1, HMAX, H1, BLOCK_H1, DICE_TRAIN and SUMS_LAYER < 1)
-    S_2, Q_2 = S_1, Q_1  # placeholders for absent layers
-    S_3, Q_3 = S_1, Q_1
-    S_4, Q_4 = S_1, Q_1
-    if NUM_LAYERS >= 2:
-        S_2, Q_2 = _load_stat_sums(sums_ptr, 2, HMAX, H2, BLOCK_H2, DICE_TRAIN and SUMS_LAYER < 2)
-    if NUM_LAYERS >= 3:
-        S_3, Q_3 = _load_stat_sums(sums_ptr, 3, HMAX, H3, BLOCK_H3, DICE_TRAIN and SUMS_LAYER < 3)
-    if NUM_LAYERS >= 4:
-        S_4, Q_4 = _load_stat_sums(sums_ptr, 4, HMAX, H4, BLOCK_H4, DICE_TRAIN and SUMS_LAYER < 4)
+        stat_sums4 = _load_stat_sums(sums_ptr, 4, HMAX, H4, BLOCK_H4, DICE_TRAIN and SUMS_LAYER < 4)
     inv_count = 0.0
     if DICE_TRAIN:
         inv_count = 1.0 / tl.load(count_ptr)
@@ -510,16 +572,11 @@ def _attention_pool_bwd_kernel(
     S2 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
     U = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
     db1_acc = tl.zeros([BLOCK_H1], dtype=tl.float32)
-    dw2_acc = tl.zeros([BLOCK_H1, BLOCK_H2], dtype=tl.float32)
-    dw3_acc = tl.zeros([BLOCK_H2, BLOCK_H3], dtype=tl.float32)
-    dw4_acc = tl.zeros([BLOCK_H3, BLOCK_H4], dtype=tl.float32)
-    db2_acc = tl.zeros_like(bias2)
-    db3_acc = tl.zeros_like(bias3)
-    db4_acc = tl.zeros_like(bias4)
-    da1_acc, dg1_acc, de1_acc = tl.zeros_like(a_1), tl.zeros_like(a_1), tl.zeros_like(a_1)
-    da2_acc, dg2_acc, de2_acc = tl.zeros_like(a_2), tl.zeros_like(a_2), tl.zeros_like(a_2)
-    da3_acc, dg3_acc, de3_acc = tl.zeros_like(a_3), tl.zeros_like(a_3), tl.zeros_like(a_3)
-    da4_acc, dg4_acc, de4_acc = tl.zeros_like(a_4), tl.zeros_like(a_4), tl.zeros_like(a_4)
+    dact1 = _zero_act_grads(act1)
+    # the deeper layers' (weight, bias, activation-parameter) accumulators
+    grads2 = (tl.zeros([BLOCK_H1, BLOCK_H2], dtype=tl.float32), tl.zeros_like(bias2), _zero_act_grads(act2))
+    grads3 = (tl.zeros([BLOCK_H2, BLOCK_H3], dtype=tl.float32), tl.zeros_like(bias3), _zero_act_grads(act3))
+    grads4 = (tl.zeros([BLOCK_H3, BLOCK_H4], dtype=tl.float32), tl.zeros_like(bias4), _zero_act_grads(act4))
     dwo_acc = tl.zeros([BLOCK_HL], dtype=tl.float32)
     dbo_acc = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
 
@@ -541,10 +598,10 @@ def _attention_pool_bwd_kernel(
             tile_offs = b64 * stride_kb + offs_t.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
             tile_mask = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32)
-            s, x1, h1, x2, h2, x3, h3, x4, h4, last = _mlp_tile(
+            s, x1, h1, x2, h2, x3, h3, x4, h4 = _mlp_tile(
                 k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
-                a_1, m_1, s_1, g_1, e_1, a_2, m_2, s_2, g_2, e_2, a_3, m_3, s_3, g_3, e_3, a_4, m_4, s_4, g_4, e_4,
-                BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE, PRECISION)
+                act1, act2, act3, act4, BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE,
+                PRECISION)
             # gradient into the pooling weights w_t: k_t . g_b, plus any gradient into the returned scores
             dw = tl.sum(k * g[None, :], axis=1)
             if HAS_GRAD_SCORES:
@@ -556,7 +613,7 @@ def _attention_pool_bwd_kernel(
             else:
                 w = tl.where(valid, s, 0.0)
                 ds = tl.where(valid, dw, 0.0)
-            dwo_acc += tl.sum(ds[:, None] * last, axis=0)
+            dwo_acc += tl.sum(ds[:, None] * h4, axis=0)
             dbo_acc += tl.sum(ds, axis=0)
             dh = ds[:, None] * wo[None, :]
             counted = valid  # the positions in Dice's batch statistics
@@ -564,56 +621,16 @@ def _attention_pool_bwd_kernel(
                 counted = tmask
             # each layer: into its pre-activation (+ through the batch statistics), then its weights;
             # a sums pass stops at its layer
-            if NUM_LAYERS >= 4:
-                if SUMS_LAYER <= 4:
-                    G, da, dg, de = _act_bwd(x4, dh, a_4, m_4, s_4, g_4, e_4, ACT, AFFINE, DICE_TRAIN)
-                    da4_acc += da
-                    dg4_acc += dg
-                    de4_acc += de
-                    if SUMS_LAYER < 4:
-                        if DICE_TRAIN:
-                            G = _through_batch_stats(G, x4, m_4, s_4, S_4, Q_4, inv_count, counted)
-                        if SUMS_LAYER == 0:
-                            dw4_acc += _dot(tl.trans(h3), G, DOT_DTYPE, PRECISION)
-                            db4_acc += tl.sum(G, axis=0)
-                        dh = _dot(G, _load_weight(w4, sw4, H3, H4, BLOCK_H3, BLOCK_H4, DOT_DTYPE), DOT_DTYPE,
-                                  PRECISION)
-            if NUM_LAYERS >= 3:
-                if SUMS_LAYER <= 3:
-                    G, da, dg, de = _act_bwd(x3, dh, a_3, m_3, s_3, g_3, e_3, ACT, AFFINE, DICE_TRAIN)
-                    da3_acc += da
-                    dg3_acc += dg
-                    de3_acc += de
-                    if SUMS_LAYER < 3:
-                        if DICE_TRAIN:
-                            G = _through_batch_stats(G, x3, m_3, s_3, S_3, Q_3, inv_count, counted)
-                        if SUMS_LAYER == 0:
-                            dw3_acc += _dot(tl.trans(h2), G, DOT_DTYPE, PRECISION)
-                            db3_acc += tl.sum(G, axis=0)
-                        dh = _dot(G, _load_weight(w3, sw3, H2, H3, BLOCK_H2, BLOCK_H3, DOT_DTYPE), DOT_DTYPE,
-                                  PRECISION)
-            if NUM_LAYERS >= 2:
-                if SUMS_LAYER <= 2:
-                    G, da, dg, de = _act_bwd(x2, dh, a_2, m_2, s_2, g_2, e_2, ACT, AFFINE, DICE_TRAIN)
-                    da2_acc += da
-                    dg2_acc += dg
-                    de2_acc += de
-                    if SUMS_LAYER < 2:
-                        if DICE_TRAIN:
-                            G = _through_batch_stats(G, x2, m_2, s_2, S_2, Q_2, inv_count, counted)
-                        if SUMS_LAYER == 0:
-                            dw2_acc += _dot(tl.trans(h1), G, DOT_DTYPE, PRECISION)
-                            db2_acc += tl.sum(G, axis=0)
-                        dh = _dot(G, _load_weight(w2, sw2, H1, H2, BLOCK_H1, BLOCK_H2, DOT_DTYPE), DOT_DTYPE,
-                                  PRECISION)
+            dh, grads4 = _hidden_layer_bwd(dh, x4, h3, w4, sw4, H3, H4, act4, stat_sums4, inv_count, counted, grads4,
+                                           4, NUM_LAYERS, SUMS_LAYER, ACT, AFFINE, DICE_TRAIN, DOT_DTYPE, PRECISION)
+            dh, grads3 = _hidden_layer_bwd(dh, x3, h2, w3, sw3, H2, H3, act3, stat_sums3, inv_count, counted, grads3,
+                                           3, NUM_LAYERS, SUMS_LAYER, ACT, AFFINE, DICE_TRAIN, DOT_DTYPE, PRECISION)
+            dh, grads2 = _hidden_layer_bwd(dh, x2, h1, w2, sw2, H1, H2, act2, stat_sums2, inv_count, counted, grads2,
+                                           2, NUM_LAYERS, SUMS_LAYER, ACT, AFFINE, DICE_TRAIN, DOT_DTYPE, PRECISION)
             if SUMS_LAYER <= 1:
-                G, da, dg, de = _act_bwd(x1, dh, a_1, m_1, s_1, g_1, e_1, ACT, AFFINE, DICE_TRAIN)
-                da1_acc += da
-                dg1_acc += dg
-                de1_acc += de
+                G, dact1 = _pre_activation_grad(x1, dh, act1, stat_sums1, inv_count, counted, dact1, 1, SUMS_LAYER, ACT,
+                                                AFFINE, DICE_TRAIN)
                 if SUMS_LAYER == 0:
-                    if DICE_TRAIN:
-                        G = _through_batch_stats(G, x1, m_1, s_1, S_1, Q_1, inv_count, counted)
                     dW_b += _dot(tl.trans(k), G, DOT_DTYPE, PRECISION)
                     dc_b += tl.sum(G, axis=0)
                     dk = _dot(G, tl.trans(W_b), DOT_DTYPE, PRECISION) + w[:, None] * g[None, :]
@@ -629,10 +646,10 @@ def _attention_pool_bwd_kernel(
 
     pid64 = pid.to(tl.int64)
     if SUMS_LAYER > 0:  # a sums pass: only this layer's partials
+        _, dg, de = _pick_layer(dact1, grads2[2], grads3[2], grads4[2], SUMS_LAYER)
         psum_p = psum_ptr + pid64 * HS
-        _store_vec(psum_p, _pick_layer(de1_acc, de2_acc, de3_acc, de4_acc, SUMS_LAYER), HS, BLOCK_HS)
-        _store_vec(psum_p + num_programs * HS, _pick_layer(dg1_acc, dg2_acc, dg3_acc, dg4_acc, SUMS_LAYER), HS,
-                   BLOCK_HS)
+        _store_vec(psum_p, de, HS, BLOCK_HS)
+        _store_vec(psum_p + num_programs * HS, dg, HS, BLOCK_HS)
     else:
         # this program's partials; dWq = U, dWk = S1, dWd = U - S1, dWp = S2 (in nn.Linear layout)
         pw1_p = pw1 + pid64 * H1 * 4 * D
@@ -641,35 +658,10 @@ def _attention_pool_bwd_kernel(
         _store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
         _store_weight_grad(pw1_p, S2, 3 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
         _store_vec(pb1 + pid64 * H1, db1_acc, H1, BLOCK_H1)
-        if NUM_LAYERS >= 2:
-            _store_weight_grad(pw2 + pid64 * H2 * H1, dw2_acc, 0, H1, H1, H2, BLOCK_H1, BLOCK_H2)
-            _store_vec(pb2 + pid64 * H2, db2_acc, H2, BLOCK_H2)
-        if NUM_LAYERS >= 3:
-            _store_weight_grad(pw3 + pid64 * H3 * H2, dw3_acc, 0, H2, H2, H3, BLOCK_H2, BLOCK_H3)
-            _store_vec(pb3 + pid64 * H3, db3_acc, H3, BLOCK_H3)
-        if NUM_LAYERS >= 4:
-            _store_weight_grad(pw4 + pid64 * H4 * H3, dw4_acc, 0, H3, H3, H4, BLOCK_H3, BLOCK_H4)
-            _store_vec(pb4 + pid64 * H4, db4_acc, H4, BLOCK_H4)
-        if ACT >= 2:  # PReLU slopes or Dice alpha
-            _store_vec(pa1 + pid64 * H1, da1_acc, H1, BLOCK_H1)
-            if NUM_LAYERS >= 2:
-                _store_vec(pa2 + pid64 * H2, da2_acc, H2, BLOCK_H2)
-            if NUM_LAYERS >= 3:
-                _store_vec(pa3 + pid64 * H3, da3_acc, H3, BLOCK_H3)
-            if NUM_LAYERS >= 4:
-                _store_vec(pa4 + pid64 * H4, da4_acc, H4, BLOCK_H4)
-        if AFFINE:
-            _store_vec(pg1 + pid64 * H1, dg1_acc, H1, BLOCK_H1)
-            _store_vec(pe1 + pid64 * H1, de1_acc, H1, BLOCK_H1)
-            if NUM_LAYERS >= 2:
-                _store_vec(pg2 + pid64 * H2, dg2_acc, H2, BLOCK_H2)
-                _store_vec(pe2 + pid64 * H2, de2_acc, H2, BLOCK_H2)
-            if NUM_LAYERS >= 3:
-                _store_vec(pg3 + pid64 * H3, dg3_acc, H3, BLOCK_H3)
-                _store_vec(pe3 + pid64 * H3, de3_acc, H3, BLOCK_H3)
-            if NUM_LAYERS >= 4:
-                _store_vec(pg4 + pid64 * H4, dg4_acc, H4, BLOCK_H4)
-                _store_vec(pe4 + pid64 * H4, de4_acc, H4, BLOCK_H4)
+        _store_act_partials(pid64, pa1, pg1, pe1, dact1, H1, BLOCK_H1, ACT, AFFINE)
+        _store_layer_partials(pid64, pw2, pb2, pa2, pg2, pe2, grads2, H1, H2, 2, NUM_LAYERS, ACT, AFFINE)
+        _store_layer_partials(pid64, pw3, pb3, pa3, pg3, pe3, grads3, H2, H3, 3, NUM_LAYERS, ACT, AFFINE)
+        _store_layer_partials(pid64, pw4, pb4, pa4, pg4, pe4, grads4, H3, H4, 4, NUM_LAYERS, ACT, AFFINE)
         _store_vec(pwo + pid64 * HL, dwo_acc, HL, BLOCK_HL)
         tl.store(pbo + pid, dbo_acc)
 

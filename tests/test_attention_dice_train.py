@@ -5,16 +5,15 @@ the scores, every gradient (through the batch statistics too) and the updated ru
 On the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py) in fp32 and fp16, so the cases
 are few and tiny; on CUDA bf16 is added. Every buffer the launchers allocate starts as NaN.
 """
-import ast
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+from attention_helpers import (Case, captured_launches, cast_leaves, check_against_reference, dtype_params,
+                               fake_bf16_inputs, keys_from_base, make_inputs, make_module_pair, outputs_and_grads,
+                               relative_errors, run_compiled_build, sm90_shared_memory)
 from conftest import DEVICES
-from test_attention_kernel import ATOL, Case, cast_leaves, keys_from_base, make_inputs, relative_errors
 
 from fastdin import functional
 from fastdin.kernels import attention_pool as attention_kernels
@@ -76,55 +75,21 @@ def run(case: Case, leaves, positions, backend, grad_out, grad_scores):
         activation="dice", act_params=params, normalization=case.normalization, return_scores=case.return_scores,
         dice_stats=case.dice_stats, backend=backend, **positions,
     )
-    out, scores = result if case.return_scores else (result, None)
-    loss = (out * grad_out.to(out.dtype)).sum()
-    if scores is not None:
-        loss = loss + (scores * grad_scores.to(scores.dtype)).sum()
     trainable = [leaves["query"], leaves["keys_base"], *leaves["weights"], *leaves["biases"], *leaves["alpha"]]
     if case.dice_affine:
         trainable += [*leaves["dice_weight"], *leaves["dice_bias"]]
-    grads = torch.autograd.grad(loss, trainable)
-    return [out] + ([scores] if scores is not None else []) + list(grads) + running[0] + running[1]
+    return outputs_and_grads(result, case.return_scores, grad_out, grad_scores, trainable) + running[0] + running[1]
 
 
 def check_case(case: Case, dtype, device):
     leaves, positions = make_inputs(case, device)
     positions = positions_with_two_counted(case, positions)
-    grad_out = torch.randn(case.batch, case.dim, dtype=torch.float64, device=device)
-    grad_scores = torch.randn(case.batch, case.seq_len, dtype=torch.float64, device=device)
-    want = run(case, cast_leaves(cast_leaves(leaves, dtype), torch.float64), positions, "reference",
-               grad_out, grad_scores)
-    got = run(case, cast_leaves(leaves, dtype), positions, "triton", grad_out, grad_scores)
-    for g, w in zip(got, want):
-        assert g.dtype == dtype and g.shape == w.shape
-        assert torch.isfinite(g).all(), "a NaN (unwritten poisoned element?) or inf in the kernel's result"
-    errors = relative_errors(got, want)
-    if case.normalization == "softmax":
-        # a shift of every score does not change a softmax: the score bias gets an exact zero gradient
-        score_bias = (2 if case.return_scores else 1) + 2 + 2 * len(case.hidden) + 1
-        assert got[score_bias].abs().max().item() < (1e-5 if dtype == torch.float32 else 1e-2)
-        errors[score_bias] = 0.0
-    same_dtype = run(case, cast_leaves(leaves, dtype), positions, "reference", grad_out, grad_scores)
-    bounds = [2 * e + ATOL[dtype] for e in relative_errors(same_dtype, want)]
-    for i, (err, bound) in enumerate(zip(errors, bounds)):
-        assert err <= bound, f"result {i}: relative error {err:.2e} > {bound:.2e} ({case}, {dtype})"
+    check_against_reference(case, dtype, device, run, leaves, positions)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_fp32_matches_reference(case, device):
-    check_case(case, torch.float32, device)
-
-
-LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
-@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=str)
-def test_low_precision_matches_reference(case, dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("bf16 runs on CUDA only")
+@pytest.mark.parametrize("case,dtype", dtype_params(CASES, LOW_PRECISION_CASES))
+def test_matches_reference(case, dtype, device):
     check_case(case, dtype, device)
 
 
@@ -159,14 +124,7 @@ def test_deterministic_and_saves_no_activations():
 def test_module_two_training_steps_then_eval():
     """AttentionPooling with Dice: two SGD steps (batch statistics, running-statistics updates) and
     then eval (running statistics) give the reference backend's numbers."""
-    kwargs = dict(embed_dim=6, hidden_units=(11, 5), activation="dice", normalization="softmax",
-                  return_scores=True, dice_affine=True)
-    fast = AttentionPooling(backend="triton", **kwargs)
-    slow = AttentionPooling(backend="reference", **kwargs)
-    with torch.no_grad():
-        for p in fast.parameters():
-            p.normal_(0, 0.5)
-    slow.load_state_dict(fast.state_dict())
+    fast, slow = make_module_pair("dice", "softmax", dice_affine=True)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (fast, slow)]
     query, keys, lengths = torch.randn(3, 1, 6), torch.randn(3, 10, 6), torch.tensor([10, 4, 0])
     for step in range(2):
@@ -225,36 +183,16 @@ def test_torch_compile_fullgraph_training():
 def sm90_build_training(dim, hidden, affine):
     """Capture the training launches on fake bf16 inputs, compile each for sm_90; returns
     [(kernel name, mode, shared memory bytes)]."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = ["_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel", "_dice_batch_stats_kernel"]
-    kernels = {name: getattr(attention_kernels, name) for name in names}
-    launches = []
-
-    class Capture:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
-
-    batch, seq_len = 4, 100
-    keys, query = torch.randn(batch, seq_len, dim).bfloat16(), torch.randn(batch, dim).bfloat16()
-    sizes = [4 * dim] + list(hidden) + [1]
-    weights = [torch.randn(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [torch.randn(o) for o in sizes[1:]]
-    lengths = torch.full((batch,), seq_len)
+    query, keys, weights, biases, lengths = fake_bf16_inputs(dim, hidden)
+    batch, seq_len = keys.shape[:2]
     stats = torch.zeros(len(hidden), 3, max(hidden))
     running, batch_stats = [], []
     for layer, h in enumerate(hidden):
         extra = [torch.ones(h), torch.zeros(h)] if affine else []
         running += [torch.rand(h), torch.zeros(h), torch.ones(h)] + extra
         batch_stats += [torch.rand(h), stats[layer, 0, :h], stats[layer, 1, :h]] + extra
-    try:
-        for name in names:
-            setattr(attention_kernels, name, Capture(kernels[name]))
+    names = ["_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel", "_dice_batch_stats_kernel"]
+    with captured_launches(names) as launches:
         attention_kernels.attention_dice_batch_stats(query, keys, weights, biases, running, lengths, None, 1e-8,
                                                      affine, False, [0.1] * len(hidden))
         attention_kernels.attention_pool_forward(query, keys, weights, biases, batch_stats, lengths, None, "dice",
@@ -263,40 +201,17 @@ def sm90_build_training(dim, hidden, affine):
             torch.randn(batch, dim).bfloat16(), torch.randn(batch, seq_len).bfloat16(), query, keys, weights, biases,
             batch_stats, lengths, None, torch.zeros(batch), torch.zeros(batch), "dice", 1e-8, affine, True,
             stats[0, 2, :1], False)
-    finally:
-        for name in names:
-            setattr(attention_kernels, name, kernels[name])
-    kinds = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64"}
     built = []
     for fn, args, kwargs in launches:
-        kwargs = dict(kwargs)
-        options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
-        signature, constants = {}, dict(kwargs)
-        for arg, value in zip(fn.arg_names, args):
-            if value is None:
-                signature[arg], constants[arg] = "constexpr", None
-            elif isinstance(value, torch.Tensor):
-                signature[arg] = "*" + kinds[value.dtype]
-            else:
-                signature[arg] = "fp32" if isinstance(value, float) else "i32"
-        signature.update({k: "constexpr" for k in kwargs})
-        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options=options)
         mode = {k: kwargs[k] for k in ("STATS_LAYER", "SUMS_LAYER") if k in kwargs}
-        built.append((fn.__name__, mode, compiled.metadata.shared))
+        built.append((fn.__name__, mode, sm90_shared_memory(fn, args, kwargs)))
     return built
 
 
 @pytest.mark.skipif(os.environ.get("FASTDIN_SM90_BUILD") != "1", reason="opt-in: FASTDIN_SM90_BUILD=1")
 @pytest.mark.parametrize("dim,hidden,affine", [(32, (80, 40), True), (64, (256, 128, 64), False)])
 def test_training_kernels_build_for_sm90(dim, hidden, affine):
-    script = ("import sys; sys.path.insert(0, 'tests'); import test_attention_dice_train as t; "
-              f"print(t.sm90_build_training({dim}, {hidden}, {affine}))")
-    env = dict(os.environ, TRITON_INTERPRET="0")  # conftest keeps a set value; the compiler needs it off
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr[-3000:]
-    built = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    built = run_compiled_build("test_attention_dice_train", f"sm90_build_training({dim}, {hidden}, {affine})")
     # per layer a statistics pass and a merge, the forward, per layer a sums pass, the backward
     assert len(built) == 3 * len(hidden) + 2
     assert max(shared for _, _, shared in built) <= 232448, built
