@@ -228,7 +228,8 @@ def _dice_bwd_reduce_kernel(
     pid_r = tl.program_id(0)
     feats = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     feat_ok = feats < n_feat
-    mean, rstd, _ = _load_stats(stats_ptr, feats, n_feat)
+    # not `_`: the GPU compiler would carry it into the loop, which rebinds `_` to a [BLOCK_R, BLOCK_H] tile
+    mean, rstd, _count = _load_stats(stats_ptr, feats, n_feat)
     alpha, weight, bias = _load_params(alpha_ptr, weight_ptr, bias_ptr, feats, n_feat, AFFINE)
     sum_alpha = tl.zeros([BLOCK_H], tl.float32)
     sum_gz = tl.zeros([BLOCK_H], tl.float32)

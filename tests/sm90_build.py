@@ -1,0 +1,187 @@
+"""Build the Triton kernels of a `fastdin.kernels` module for sm_90 (H100/H200) on a machine without a GPU.
+
+The Triton interpreter accepts programs that the GPU compiler rejects, and it cannot tell how much
+shared memory or how many registers a program needs. Here a launcher runs on CPU tensors while the
+module's @triton.jit kernels are swapped for stubs that record each launch. Each recorded launch is
+then bound and specialised by Triton's own binder, as a real launch is (argument types, 16-byte
+alignment, divisibility by 16), and compiled for sm_90 with Triton's compiler and the ptxas that
+ships with the wheel. Nothing runs on a device, so the inputs need no values.
+
+The interpreter replaces @triton.jit functions with its own, so this must run with TRITON_INTERPRET
+off, and the tests call it in a subprocess (`run_in_subprocess`):
+
+    python tests/sm90_build.py MODULE:FUNCTION
+
+FUNCTION returns {case id: (kernels module, call that launches its kernels)}. The script prints a
+table to stderr and one JSON line to stdout: {"cases": {case: {kernel: build or {"error": ...}}},
+"seconds": {case: compile seconds}}, or {"unavailable": reason} where this triton cannot build for sm_90.
+"""
+import contextlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+H200_SHARED_BYTES = 232448  # the most shared memory one block may use on an H100/H200 (227 KiB)
+
+
+class Launch(NamedTuple):
+    kernel: object  # triton.runtime.jit.JITFunction
+    args: tuple
+    kwargs: dict
+
+
+class Build(NamedTuple):
+    shared: int  # bytes of shared memory per block (Triton's metadata)
+    registers: int  # per thread, from ptxas -v
+    spill_stores: int  # bytes, from ptxas -v
+    spill_loads: int
+
+
+def toolchain_missing() -> Optional[str]:
+    """None when this triton can build for sm_90 here, else why it cannot."""
+    try:
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        if knobs.runtime.interpret:
+            return "TRITON_INTERPRET is on: the interpreter replaces the @triton.jit kernels"
+        make_backend(GPUTarget("cuda", 90, 32))
+        knobs.nvidia.ptxas.path  # noqa: B018 (raises when no ptxas is found)
+    except Exception as error:  # an import, backend or tool lookup failure: all mean "cannot build"
+        return f"triton cannot build for sm_90 here: {type(error).__name__}: {error}"
+    return None
+
+
+def capture_launches(module, call: Callable[[], object]) -> List[Launch]:
+    """Every launch of `module`'s @triton.jit kernels made while `call()` runs; nothing is launched."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs))
+
+    kernels = {name: value for name, value in vars(module).items() if isinstance(value, JITFunction)}
+    try:
+        for name, kernel in kernels.items():  # helpers too: launchers never call them, so no harm
+            setattr(module, name, Recorder(kernel))
+        call()
+    finally:
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+    return launches
+
+
+def _ptxas_usage(ptx: str, arch: str) -> Build:
+    """(registers, spill bytes) from `ptxas -v` on the PTX Triton made; shared is filled in by the caller."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        # Triton's own ptxas flags, so the counts are those of the cubin it built
+        done = subprocess.run([knobs.nvidia.ptxas.path, "-lineinfo", "-v", f"--gpu-name={arch}", source,
+                               "-o", source + ".o"], capture_output=True, text=True, check=True)
+    log = done.stdout + done.stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = re.search(r"Used (\d+) registers", log)
+    return Build(0, int(registers.group(1)), int(spills.group(1)), int(spills.group(2)))
+
+
+_BUILT: Dict[str, Build] = {}  # by kernel and specialisation: cases often repeat a launch
+
+
+def compile_launch(launch: Launch) -> Build:
+    """Compile one recorded launch for sm_90 exactly as a launch on an H100/H200 would, without running it."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kernel = launch.kernel
+    # what JITFunction.run adds before binding
+    kwargs = dict(launch.kwargs, debug=kernel.debug or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    key = repr((kernel.__name__, signature, constants, attrs, options))
+    if key not in _BUILT:
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
+                                  options=options.__dict__)
+        usage = _ptxas_usage(compiled.asm["ptx"], sm_arch_from_capability(target.arch))
+        _BUILT[key] = usage._replace(shared=compiled.metadata.shared)
+    return _BUILT[key]
+
+
+def build_launches(module, call: Callable[[], object]) -> Dict[str, object]:
+    """{kernel name: Build, or the error text when it fails to compile} for every launch `call()` makes.
+
+    A kernel launched again with another specialisation gets `name#2`, `name#3`, ...
+    """
+    results = {}
+    for launch in capture_launches(module, call):
+        name = launch.kernel.__name__
+        key, n = name, 1
+        while key in results:
+            n += 1
+            key = f"{name}#{n}"
+        try:
+            results[key] = compile_launch(launch)
+        except Exception as error:  # any compiler or ptxas failure is this launch's result
+            results[key] = f"{type(error).__name__}: {str(error)[-3000:]}"
+    return results
+
+
+def run_in_subprocess(cases: str, timeout: float = 900) -> dict:
+    """Run this script on `cases` ("module:function", importable from tests/) with the interpreter
+    off; returns its JSON result. Raises RuntimeError with the child's stderr if it fails."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="0")  # conftest sets it to 1 on a machine without a GPU
+    done = subprocess.run([sys.executable, os.path.join(tests, "sm90_build.py"), cases], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(tests))
+    if done.returncode != 0:
+        raise RuntimeError(f"sm90_build.py {cases} failed:\n{done.stderr[-5000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: List[str]) -> None:
+    module_name, function_name = argv[0].split(":")
+    reason = toolchain_missing()
+    if reason is not None:
+        print(json.dumps({"unavailable": reason}))
+        return
+    cases = getattr(importlib.import_module(module_name), function_name)()
+    results, seconds = {}, {}
+    for case, (module, call) in cases.items():
+        start = time.perf_counter()
+        # the compiler prints failures to stdout too: keep stdout for the one JSON line
+        with contextlib.redirect_stdout(sys.stderr):
+            builds = build_launches(module, call)
+        seconds[case] = round(time.perf_counter() - start, 2)
+        results[case] = {k: b._asdict() if isinstance(b, Build) else {"error": b} for k, b in builds.items()}
+        for kernel, b in builds.items():
+            usage = (f"shared {b.shared:6d} B  registers {b.registers:3d}  spills {b.spill_stores}/{b.spill_loads} B"
+                     if isinstance(b, Build) else "FAILED: " + b.splitlines()[0])
+            print(f"{case:40s} {kernel:26s} {usage}", file=sys.stderr)
+    print(json.dumps({"cases": results, "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
