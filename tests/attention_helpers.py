@@ -1,18 +1,12 @@
 """Shared by the attention-kernel tests (test_attention_kernel.py, test_attention_dice_train.py): the
-case description, fresh random inputs, the comparison with the float64 reference, and the opt-in
-sm_90 builds of captured kernel launches."""
-import ast
-import contextlib
-import os
-import subprocess
-import sys
+case description, fresh random inputs, the comparison with the float64 reference, and fake inputs for
+the sm_90 builds (tests/sm90_build.py)."""
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pytest
 import torch
 
-from fastdin.kernels import attention_pool as attention_kernels
 from fastdin.layers import AttentionPooling
 
 # Relative error vs the float64 reference: at most twice the error of the reference run in the same
@@ -174,10 +168,6 @@ def make_module_pair(activation, normalization, dice_affine=False):
     return fast, slow
 
 
-# ---------------------------------------------------------------------------------------------
-# opt-in sm_90 builds (FASTDIN_SM90_BUILD=1): Triton's compiler and ptxas, no GPU needed
-
-
 def fake_bf16_inputs(dim, hidden, batch=4, seq_len=100):
     """(query, keys, weights, biases, lengths) for capturing launches: bf16 activations, fp32 weights."""
     keys, query = torch.randn(batch, seq_len, dim).bfloat16(), torch.randn(batch, dim).bfloat16()
@@ -185,59 +175,3 @@ def fake_bf16_inputs(dim, hidden, batch=4, seq_len=100):
     weights = [torch.randn(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
     biases = [torch.randn(o) for o in sizes[1:]]
     return query, keys, weights, biases, torch.full((batch,), seq_len)
-
-
-@contextlib.contextmanager
-def captured_launches(names):
-    """Replace the named kernels of fastdin.kernels.attention_pool by recorders: the launchers then
-    run no kernel and the yielded list collects (kernel, args, kwargs) of each launch."""
-    launches = []
-    originals = {name: getattr(attention_kernels, name) for name in names}
-
-    class Capture:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
-
-    try:
-        for name, fn in originals.items():
-            setattr(attention_kernels, name, Capture(fn))
-        yield launches
-    finally:
-        for name, fn in originals.items():
-            setattr(attention_kernels, name, fn)
-
-
-def sm90_shared_memory(fn, args, kwargs):
-    """Compile one captured launch for sm_90; the shared memory bytes a program needs."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kinds = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64"}
-    kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 1)}
-    signature, constants = {}, dict(kwargs)
-    for arg, value in zip(fn.arg_names, args):
-        if value is None:
-            signature[arg], constants[arg] = "constexpr", None
-        elif isinstance(value, torch.Tensor):
-            signature[arg] = "*" + kinds[value.dtype]
-        else:
-            signature[arg] = "fp32" if isinstance(value, float) else "i32"
-    signature.update({k: "constexpr" for k in kwargs})
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
-    return compiled.metadata.shared
-
-
-def run_compiled_build(module, call):
-    """Evaluate `module.call` in a fresh interpreter with TRITON_INTERPRET=0 (conftest keeps a set
-    value; the compiler needs it off) and return the printed result."""
-    script = f"import sys; sys.path.insert(0, 'tests'); import {module} as t; print(t.{call})"
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return ast.literal_eval(done.stdout.strip().splitlines()[-1])

@@ -5,14 +5,13 @@ the scores, every gradient (through the batch statistics too) and the updated ru
 On the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py) in fp32 and fp16, so the cases
 are few and tiny; on CUDA bf16 is added. Every buffer the launchers allocate starts as NaN.
 """
-import os
 from dataclasses import dataclass
 
 import pytest
+import sm90_build
 import torch
-from attention_helpers import (Case, captured_launches, cast_leaves, check_against_reference, dtype_params,
-                               fake_bf16_inputs, keys_from_base, make_inputs, make_module_pair, outputs_and_grads,
-                               relative_errors, run_compiled_build, sm90_shared_memory)
+from attention_helpers import (Case, cast_leaves, check_against_reference, dtype_params, fake_bf16_inputs,
+                               keys_from_base, make_inputs, make_module_pair, outputs_and_grads, relative_errors)
 from conftest import DEVICES
 
 from fastdin import functional
@@ -175,24 +174,28 @@ def test_torch_compile_fullgraph_training():
 
 
 # ---------------------------------------------------------------------------------------------
-# Opt-in (FASTDIN_SM90_BUILD=1): build every launch of a training step for sm_90 with Triton's
-# compiler and ptxas, no GPU needed. The interpreter cannot catch front-end errors of the compiled
-# language in the statistics and sums modes, nor shared memory past an H200 block's 227 KB.
+# sm_90 builds (tests/sm90_build.py): every launch of a training step compiled with Triton's compiler
+# and ptxas, no GPU needed. The interpreter cannot catch front-end errors of the compiled language in
+# the statistics and sums modes, nor shared memory past an H200 block's 227 KB.
+
+SM90_TRAINING_SHAPES = [(32, (80, 40), True), (64, (256, 128, 64), False)]
 
 
-def sm90_build_training(dim, hidden, affine):
-    """Capture the training launches on fake bf16 inputs, compile each for sm_90; returns
-    [(kernel name, mode, shared memory bytes)]."""
-    query, keys, weights, biases, lengths = fake_bf16_inputs(dim, hidden)
-    batch, seq_len = keys.shape[:2]
-    stats = torch.zeros(len(hidden), 3, max(hidden))
-    running, batch_stats = [], []
-    for layer, h in enumerate(hidden):
-        extra = [torch.ones(h), torch.zeros(h)] if affine else []
-        running += [torch.rand(h), torch.zeros(h), torch.ones(h)] + extra
-        batch_stats += [torch.rand(h), stats[layer, 0, :h], stats[layer, 1, :h]] + extra
-    names = ["_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel", "_dice_batch_stats_kernel"]
-    with captured_launches(names) as launches:
+def sm90_case_id(dim, hidden, affine):
+    return f"dice-train-D{dim}-H{'x'.join(map(str, hidden))}-{'affine' if affine else 'plain'}"
+
+
+def _sm90_training_call(dim, hidden, affine):
+    """The launches of a training step (statistics, merge, forward, sums, backward) on fake bf16 inputs."""
+    def call():
+        query, keys, weights, biases, lengths = fake_bf16_inputs(dim, hidden)
+        batch, seq_len = keys.shape[:2]
+        stats = torch.zeros(len(hidden), 3, max(hidden))
+        running, batch_stats = [], []
+        for layer, h in enumerate(hidden):
+            extra = [torch.ones(h), torch.zeros(h)] if affine else []
+            running += [torch.rand(h), torch.zeros(h), torch.ones(h)] + extra
+            batch_stats += [torch.rand(h), stats[layer, 0, :h], stats[layer, 1, :h]] + extra
         attention_kernels.attention_dice_batch_stats(query, keys, weights, biases, running, lengths, None, 1e-8,
                                                      affine, False, [0.1] * len(hidden))
         attention_kernels.attention_pool_forward(query, keys, weights, biases, batch_stats, lengths, None, "dice",
@@ -201,17 +204,26 @@ def sm90_build_training(dim, hidden, affine):
             torch.randn(batch, dim).bfloat16(), torch.randn(batch, seq_len).bfloat16(), query, keys, weights, biases,
             batch_stats, lengths, None, torch.zeros(batch), torch.zeros(batch), "dice", 1e-8, affine, True,
             stats[0, 2, :1], False)
-    built = []
-    for fn, args, kwargs in launches:
-        mode = {k: kwargs[k] for k in ("STATS_LAYER", "SUMS_LAYER") if k in kwargs}
-        built.append((fn.__name__, mode, sm90_shared_memory(fn, args, kwargs)))
-    return built
+    return call
 
 
-@pytest.mark.skipif(os.environ.get("FASTDIN_SM90_BUILD") != "1", reason="opt-in: FASTDIN_SM90_BUILD=1")
-@pytest.mark.parametrize("dim,hidden,affine", [(32, (80, 40), True), (64, (256, 128, 64), False)])
-def test_training_kernels_build_for_sm90(dim, hidden, affine):
-    built = run_compiled_build("test_attention_dice_train", f"sm90_build_training({dim}, {hidden}, {affine})")
+def sm90_cases():
+    """{case id: (kernels module, call)} for sm90_build.py."""
+    return {sm90_case_id(*shape): (attention_kernels, _sm90_training_call(*shape)) for shape in SM90_TRAINING_SHAPES}
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    result = sm90_build.run_in_subprocess("test_attention_dice_train:sm90_cases")
+    if "unavailable" in result:
+        pytest.skip(result["unavailable"])
+    return result["cases"]
+
+
+@pytest.mark.parametrize("dim,hidden,affine", SM90_TRAINING_SHAPES)
+def test_training_kernels_build_for_sm90(sm90_builds, dim, hidden, affine):
+    builds = sm90_builds[sm90_case_id(dim, hidden, affine)]
+    assert not {name: b["error"] for name, b in builds.items() if "error" in b}
     # per layer a statistics pass and a merge, the forward, per layer a sums pass, the backward
-    assert len(built) == 3 * len(hidden) + 2
-    assert max(shared for _, _, shared in built) <= 232448, built
+    assert len(builds) == 3 * len(hidden) + 2
+    assert max(b["shared"] for b in builds.values()) <= sm90_build.H200_SHARED_BYTES, builds

@@ -3,13 +3,12 @@
 On the CPU the kernels run under TRITON_INTERPRET=1 (see conftest.py), where every program instance
 costs about a millisecond: batches are tiny and the cases are picked, not crossed.
 """
-import os
 
 import pytest
+import sm90_build
 import torch
-from attention_helpers import (Case, captured_launches, cast_leaves, check_against_reference, dtype_params,
-                               fake_bf16_inputs, keys_from_base, make_inputs, make_module_pair, outputs_and_grads,
-                               relative_errors, run_compiled_build, sm90_shared_memory)
+from attention_helpers import (Case, cast_leaves, check_against_reference, dtype_params, fake_bf16_inputs,
+                               keys_from_base, make_inputs, make_module_pair, outputs_and_grads, relative_errors)
 from conftest import DEVICES
 
 from fastdin import functional, reference
@@ -163,50 +162,68 @@ def test_empty_batch():
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
+# Shared memory of sm_90 builds of the backward (bytes) by (dim, hidden, dtype); test_kernels_build_for_sm90
+# rebuilds the shapes of SM90_SHAPES and checks their figures here still hold.
+BWD_SHARED_BYTES = {(32, (80, 40), torch.bfloat16): 51200, (64, (256, 128, 64), torch.bfloat16): 200704,
+                    (64, (512,), torch.bfloat16): 163840, (128, (256, 128), torch.bfloat16): 266240}
+
+
 def test_shared_memory_estimate_matches_ptxas_builds():
     """The estimate behind attention_kernel_gap's shared-memory reason, against sm_90 ptxas builds
     of the backward (bytes): it must admit what fits an H200 (227 KB) and refuse what does not."""
-    h200 = 232448
+    h200 = sm90_build.H200_SHARED_BYTES
     estimate = attention_kernels.shared_memory_estimate
-    measured = [((32, (80, 40), torch.bfloat16), 51200), ((64, (256, 128, 64), torch.bfloat16), 200704),
-                ((64, (512,), torch.bfloat16), 163840), ((128, (256, 128), torch.bfloat16), 266240)]
-    for args, bytes_ in measured:
+    for args, bytes_ in BWD_SHARED_BYTES.items():
         assert (estimate(*args) <= h200) == (bytes_ <= h200), args
         assert abs(estimate(*args) - bytes_) < 0.15 * bytes_, args
     assert estimate(256, (512, 512, 512, 512), torch.float16) > h200
 
 
 # ---------------------------------------------------------------------------------------------
-# Opt-in (FASTDIN_SM90_BUILD=1, a few minutes): build both kernels for sm_90 with Triton's compiler
-# and ptxas, no GPU needed, for the design notes' shapes. This catches what the interpreter cannot:
-# front-end errors of the compiled language and programs that need more shared memory than an
-# H100/H200 block may use (227 KB).
+# sm_90 builds (tests/sm90_build.py): both kernels compiled with Triton's compiler and ptxas, no GPU
+# needed, for the design notes' shapes. This catches what the interpreter cannot: front-end errors of
+# the compiled language and programs that need more shared memory than an H100/H200 block may use.
 
 SM90_SHAPES = [(32, (80, 40), "sigmoid"), (64, (256, 128, 64), "prelu")]
 
 
-def sm90_build(dim, hidden, activation):
-    """Capture the launchers' kernel arguments on fake bf16 inputs, then compile for sm_90;
-    returns {kernel name: shared memory bytes}."""
-    query, keys, weights, biases, lengths = fake_bf16_inputs(dim, hidden)
-    batch, seq_len = keys.shape[:2]
-    slopes = [torch.rand(1) for _ in hidden] if activation == "prelu" else []
-    with captured_launches(["_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel"]) as launches:
-        try:
-            attention_kernels.attention_pool_forward(query, keys, weights, biases, slopes, lengths, None, activation,
-                                                     0.0, False, True, True)
-            attention_kernels.attention_pool_backward(
-                torch.randn(batch, dim).bfloat16(), torch.randn(batch, seq_len).bfloat16(), query, keys, weights,
-                biases, slopes, lengths, None, torch.zeros(batch), torch.zeros(batch), activation, 0.0, False, True)
-        except Exception:
-            pass  # summing the never-written partials may fail; the launches are captured
-    return {fn.__name__: sm90_shared_memory(fn, args, kwargs) for fn, args, kwargs in launches}
+def sm90_case_id(dim, hidden, activation):
+    return f"attention-D{dim}-H{'x'.join(map(str, hidden))}-{activation}"
 
 
-@pytest.mark.skipif(os.environ.get("FASTDIN_SM90_BUILD") != "1", reason="opt-in: FASTDIN_SM90_BUILD=1")
+def _sm90_call(dim, hidden, activation):
+    """A forward and backward through the launchers on fake bf16 inputs (nothing runs)."""
+    def call():
+        query, keys, weights, biases, lengths = fake_bf16_inputs(dim, hidden)
+        batch, seq_len = keys.shape[:2]
+        slopes = [torch.rand(1) for _ in hidden] if activation == "prelu" else []
+        attention_kernels.attention_pool_forward(query, keys, weights, biases, slopes, lengths, None, activation,
+                                                 0.0, False, True, True)
+        attention_kernels.attention_pool_backward(
+            torch.randn(batch, dim).bfloat16(), torch.randn(batch, seq_len).bfloat16(), query, keys, weights,
+            biases, slopes, lengths, None, torch.zeros(batch), torch.zeros(batch), activation, 0.0, False, True)
+    return call
+
+
+def sm90_cases():
+    """{case id: (kernels module, call)} for sm90_build.py."""
+    return {sm90_case_id(*shape): (attention_kernels, _sm90_call(*shape)) for shape in SM90_SHAPES}
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    result = sm90_build.run_in_subprocess("test_attention_kernel:sm90_cases")
+    if "unavailable" in result:
+        pytest.skip(result["unavailable"])
+    return result["cases"]
+
+
 @pytest.mark.parametrize("dim,hidden,activation", SM90_SHAPES)
-def test_kernels_build_for_sm90(dim, hidden, activation):
-    shared = run_compiled_build("test_attention_kernel", f"sm90_build({dim}, {hidden}, {activation!r})")
+def test_kernels_build_for_sm90(sm90_builds, dim, hidden, activation):
+    builds = sm90_builds[sm90_case_id(dim, hidden, activation)]
+    assert not {name: b["error"] for name, b in builds.items() if "error" in b}
+    shared = {name: b["shared"] for name, b in builds.items()}
     assert set(shared) == {"_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel"}
-    assert max(shared.values()) <= 232448, shared
+    assert max(shared.values()) <= sm90_build.H200_SHARED_BYTES, shared
     assert max(shared.values()) <= attention_kernels.shared_memory_estimate(dim, hidden, torch.bfloat16) * 1.15
+    assert shared["_attention_pool_bwd_kernel"] == BWD_SHARED_BYTES[dim, tuple(hidden), torch.bfloat16]
