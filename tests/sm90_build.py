@@ -183,5 +183,15 @@ def main(argv: List[str]) -> None:
     print(json.dumps({"cases": results, "seconds": seconds}))
 
 
+def builds_or_skip(target: str) -> dict:
+    """The builds of run_in_subprocess(target) by case, or a pytest skip saying why sm_90 cannot be built here."""
+    import pytest
+
+    result = run_in_subprocess(target)
+    if "unavailable" in result:
+        pytest.skip(result["unavailable"])
+    return result["cases"]
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -214,10 +214,7 @@ def sm90_cases():
 
 @pytest.fixture(scope="module")
 def sm90_builds():
-    result = sm90_build.run_in_subprocess("test_attention_dice_train:sm90_cases")
-    if "unavailable" in result:
-        pytest.skip(result["unavailable"])
-    return result["cases"]
+    return sm90_build.builds_or_skip("test_attention_dice_train:sm90_cases")
 
 
 @pytest.mark.parametrize("dim,hidden,affine", SM90_TRAINING_SHAPES)

@@ -74,10 +74,7 @@ def all_cases():
 
 @pytest.fixture(scope="module")
 def builds():
-    result = sm90_build.run_in_subprocess("test_sm90_builds:all_cases")
-    if "unavailable" in result:
-        pytest.skip(result["unavailable"])
-    return result["cases"]
+    return sm90_build.builds_or_skip("test_sm90_builds:all_cases")
 
 
 def check_builds(kernels, expected):
