@@ -12,9 +12,18 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Where the kernel tests run: on CUDA when there is a GPU, else on the CPU under the interpreter
+# (without it Triton cannot run on CPU tensors, so with a GPU the CPU is not a kernel device).
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def on_kernel_device():
+    """New tensors and modules default to the kernels' device (CUDA on a GPU machine, else the CPU)."""
+    with torch.device(DEVICES[0]):
+        yield

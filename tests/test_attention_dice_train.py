@@ -14,6 +14,9 @@ from attention_helpers import (Case, cast_leaves, check_against_reference, dtype
                                keys_from_base, make_inputs, make_module_pair, outputs_and_grads, relative_errors)
 from conftest import DEVICES
 
+# tests without a device parameter build their tensors on the kernels' device
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
+
 from fastdin import functional
 from fastdin.kernels import attention_pool as attention_kernels
 from fastdin.layers import AttentionPooling
@@ -96,14 +99,14 @@ def test_several_tiles(monkeypatch):
     """16-row tiles over T = 37: statistics, sums and gradients accumulate across tiles and programs."""
     monkeypatch.setattr(attention_kernels, "_pick_block_t", lambda seq_len, widths, budget: 16)
     check_case(TrainCase(5, (6, 4), seq_len=37, dice_stats="all", positions="mask", normalization="softmax"),
-               torch.float32, "cpu")
+               torch.float32, DEVICES[0])
 
 
 def test_deterministic_and_saves_no_activations():
     """Two identical training steps give the same bits (fixed-order reductions), and autograd keeps
     nothing of [B, T, H] size (the keys [B, T, D] with D < H, the weights and O(L H) statistics)."""
     case = TrainCase(4, (16, 8), seq_len=20, dice_stats="all", normalization="softmax", dice_affine=True)
-    leaves, positions = make_inputs(case, "cpu")
+    leaves, positions = make_inputs(case, DEVICES[0])
     positions = positions_with_two_counted(case, positions)
     grad_out, grad_scores = torch.randn(case.batch, case.dim), torch.randn(case.batch, case.seq_len)
     saved = []

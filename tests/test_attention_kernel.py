@@ -11,6 +11,9 @@ from attention_helpers import (Case, cast_leaves, check_against_reference, dtype
                                keys_from_base, make_inputs, make_module_pair, outputs_and_grads, relative_errors)
 from conftest import DEVICES
 
+# tests without a device parameter build their tensors on the kernels' device
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
+
 from fastdin import functional, reference
 from fastdin.kernels import attention_pool as attention_kernels
 from fastdin.reference import DiceParams
@@ -85,7 +88,7 @@ def test_matches_reference(case, dtype, device):
 def test_several_tiles_and_programs_forced():
     """Force 16-row tiles and one program for all users: the online softmax and the grid-stride loop."""
     case = Case(7, (13, 5), "sigmoid", seq_len=37, batch=3, normalization="softmax")
-    leaves, positions = make_inputs(case, "cpu")
+    leaves, positions = make_inputs(case, DEVICES[0])
     x = cast_leaves(leaves, torch.float32)
     keys = keys_from_base(case, x["keys_base"]).detach()
     weights = [w.detach() for w in x["weights"]]
@@ -153,7 +156,7 @@ def test_kernel_gap_names_each_uncovered_case():
 
 def test_empty_batch():
     case = Case(5, (4,), seq_len=3, batch=0, positions=None)
-    leaves, _ = make_inputs(case, "cpu")
+    leaves, _ = make_inputs(case, DEVICES[0])
     x = cast_leaves(leaves, torch.float32)
     out, scores = functional.attention_pool(x["query"], x["keys_base"], x["weights"], x["biases"],
                                             return_scores=True, backend="triton")

@@ -7,6 +7,9 @@ kernel launchers allocate is prefilled with NaN, so an element a kernel fails to
 import pytest
 import torch
 from conftest import DEVICES
+
+# tests without a device parameter build their tensors on the kernels' device
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
 from torch import nn
 
 from fastdin import functional, reference
@@ -189,7 +192,7 @@ def test_kernel_gap():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert functional.dice_kernel_gap(torch.zeros(2, 3, dtype=dtype), True) is None
     assert "float64" in functional.dice_kernel_gap(torch.zeros(2, 3, dtype=torch.float64), True)
-    x, params, running, _ = make_case((4, 8), torch.float64, "cpu", False, False)
+    x, params, running, _ = make_case((4, 8), torch.float64, DEVICES[0], False, False)
     with pytest.raises(NotImplementedError, match="float64"):
         functional.dice(x, params["alpha"], *running, backend="triton")
 

@@ -6,11 +6,18 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import DEVICES
+
 from fastdin import DIN
 from fastdin.functional import HAS_TRITON
 from fastdin.regularization import FullL2Regularizer, MBARegularizer, count_frequencies
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+KERNEL_DEVICE = DEVICES[0]  # CUDA, or the CPU under Triton's interpreter
+
+
+def device_for(backend: str) -> str:
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
 
 
 class OneTable:
@@ -36,15 +43,16 @@ class OneTable:
 def test_two_sgd_steps_match_the_paper_by_hand(sparse, backend):
     # loss = mean_b c·w_{id_b}, so ∂loss/∂w_j = (occurrences of j in the batch / |B|) · c.
     # All numbers are dyadic, so the expected values below are exact.
-    table = nn.Embedding(4, 2, padding_idx=0, sparse=sparse)
+    device = device_for(backend)
+    table = nn.Embedding(4, 2, padding_idx=0, sparse=sparse).to(device)
     with torch.no_grad():
         table.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 2.0], [-1.0, 0.5], [4.0, -4.0]]))
-    c = torch.tensor([1.0, -2.0])
+    c = torch.tensor([1.0, -2.0], device=device)
     counts = {"t": torch.tensor([7, 2, 1, 4])}  # n_0 is ignored: id 0 is padding
     model = OneTable(table)
     reg = MBARegularizer(model.embedding_tables(), counts, lam=0.5, backend=backend)
     opt = torch.optim.SGD(table.parameters(), lr=0.5)
-    for batch in (torch.tensor([1, 1, 3, 0]), torch.tensor([2, 3, 3, 2])):
+    for batch in (torch.tensor([1, 1, 3, 0], device=device), torch.tensor([2, 3, 3, 2], device=device)):
         opt.zero_grad()
         (table(batch) @ c).mean().backward()
         reg(model, batch)
@@ -54,7 +62,7 @@ def test_two_sgd_steps_match_the_paper_by_hand(sparse, backend):
     # step 2, ids {2, 3}: grad_2 = (2/4)c + (0.5/1)w_2 = [0, -0.75]     -> w_2 = [-1, 0.875]
     #                     grad_3 = (2/4)c + (0.5/4)w_3 = [0.953125, -1.4375] -> w_3 = [3.1484375, -2.78125]
     expected = torch.tensor([[0.0, 0.0], [0.625, 2.25], [-1.0, 0.875], [3.1484375, -2.78125]])
-    assert torch.equal(table.weight.detach(), expected)
+    assert torch.equal(table.weight.detach().cpu(), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,9 +79,10 @@ def _random_setup(sparse=False, rows=13, dim=5, dtype=torch.float32):
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 def test_only_distinct_batch_rows_change_once_and_padding_never(backend):
     table, counts = _random_setup()
+    table.to(device_for(backend))
     grad = torch.randn_like(table.weight)
     table.weight.grad = grad.clone()
-    ids = torch.tensor([[5, 3, 5, 0, 0], [7, 5, 0, 3, 12]])
+    ids = torch.tensor([[5, 3, 5, 0, 0], [7, 5, 0, 3, 12]], device=table.weight.device)
     lam = 0.7
     MBARegularizer({"t": table}, {"t": counts}, lam, backend=backend).regularize({"t": ids})
     expected = grad.clone()
@@ -270,12 +279,13 @@ def test_full_l2_adds_lambda_w_everywhere():
 ])
 def test_triton_kernel_matches_torch_index_ops(dtype, dim, num_ids, tol):
     rows = 41
-    table = nn.Embedding(rows, dim).to(dtype)
+    table = nn.Embedding(rows, dim).to(KERNEL_DEVICE, dtype)
     counts = torch.randint(0, 9, (rows,))
     ids = torch.randint(0, rows, (num_ids,))
     ids[:3] = 0
     ids[3:num_ids // 2] = 5  # a run of one id longer than a program's block of sorted ids
-    grad = torch.randn(rows, dim).to(dtype)
+    ids = ids.to(KERNEL_DEVICE)
+    grad = torch.randn(rows, dim).to(KERNEL_DEVICE, dtype)
     results = []
     for backend in ("reference", "triton"):
         table.weight.grad = grad.clone()
@@ -287,10 +297,10 @@ def test_triton_kernel_matches_torch_index_ops(dtype, dim, num_ids, tol):
 
 @needs_triton
 def test_triton_kernel_with_strided_grad_and_no_padding():
-    table = nn.Embedding(9, 6)
+    table = nn.Embedding(9, 6).to(KERNEL_DEVICE)
     counts = torch.arange(9)
-    ids = torch.tensor([0, 8, 8, 2])
-    base = torch.randn(6, 9)
+    ids = torch.tensor([0, 8, 8, 2], device=KERNEL_DEVICE)
+    base = torch.randn(6, 9, device=KERNEL_DEVICE)
     results = []
     for backend in ("reference", "triton"):
         table.weight.grad = base.clone().t()  # column-major
@@ -302,10 +312,10 @@ def test_triton_kernel_with_strided_grad_and_no_padding():
 
 @needs_triton
 def test_triton_backend_refuses_sparse_gradients():
-    table = nn.Embedding(5, 2, sparse=True)
+    table = nn.Embedding(5, 2, sparse=True).to(KERNEL_DEVICE)
     reg = MBARegularizer({"t": table}, {"t": torch.ones(5, dtype=torch.long)}, 0.1, backend="triton")
     with pytest.raises(NotImplementedError, match="sparse gradients"):
-        reg.regularize({"t": torch.tensor([1])})
+        reg.regularize({"t": torch.tensor([1], device=KERNEL_DEVICE)})
 
 
 # ---------------------------------------------------------------------------------------------
