@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The one prepared run for a lent GPU machine (an H200 here): install, run the tests on CUDA, then
-# the full benchmark. Everything it writes lands under $OUT: gpu.txt, install.log, tests.log,
-# bench-*.log, the CSV and the PNGs. Planned to end within 8 minutes on an H200: each step has its
-# own cap, and the suite's --max-minutes stops starting new cases in time to write what it measured.
+# the full benchmark. Its logs (gpu.txt, install.log, tests.log, accuracy.txt, bench-*.log), CSV and
+# PNGs are written to a work folder; on exit the CSVs are copied to $OUT and everything is packed
+# into $OUT/gpu-check.tgz (the device tool brings back at most 8 files). Planned to end within 8
+# minutes on an H200: each step has its own cap, and the suite's --max-minutes stops starting new
+# cases in time to write what it measured.
 # Usage, from the repository root on that machine: bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/fastdin-gpu-check}
-mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/fastdin-gpu-check}
+OUT=$(mktemp -d)
+mkdir -p "$FINAL"
+trap 'cp "$OUT"/*.csv "$FINAL"/ 2>/dev/null; tar czf "$FINAL/gpu-check.tgz" -C "$OUT" .' EXIT
 started=$SECONDS
 step() { echo "== $1 ($((SECONDS - started)) s in)"; }
 
