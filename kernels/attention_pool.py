@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdin.kernels.dice import _merge_stat_partials, chan_merge
+from fastdin.kernels.dice import _merge_stat_partials, chan_merge, update_running_stats
 
 ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 MAX_HIDDEN_LAYERS = 4
@@ -503,12 +503,7 @@ def _dice_batch_stats_kernel(part_ptr, n_parts, n_feat, stats_ptr, h_max, run_me
     tl.store(stats_ptr + feats, mean, mask=ok)
     tl.store(stats_ptr + h_max + feats, var, mask=ok)
     tl.store(stats_ptr + 2 * h_max + feats, count, mask=ok)
-    run_mean = tl.load(run_mean_ptr + feats, mask=ok, other=0.0).to(tl.float32)
-    run_var = tl.load(run_var_ptr + feats, mask=ok, other=0.0).to(tl.float32)
-    run_mean = run_mean * (1.0 - momentum) + mean * momentum
-    run_var = run_var * (1.0 - momentum) + var * (count / (count - 1.0)) * momentum
-    tl.store(run_mean_ptr + feats, run_mean.to(run_mean_ptr.dtype.element_ty), mask=ok)
-    tl.store(run_var_ptr + feats, run_var.to(run_var_ptr.dtype.element_ty), mask=ok)
+    update_running_stats(run_mean_ptr, run_var_ptr, feats, ok, mean, var, count, momentum)
 
 
 @triton.jit

@@ -39,6 +39,27 @@ def _row_offsets(rows, rows_per_outer, stride_outer, stride_inner):
 
 
 @triton.jit
+def update_running_stats(run_mean_ptr, run_var_ptr, feats, ok, mean, var, count, momentum):
+    """nn.BatchNorm1d's update: the biased var normalizes, the unbiased var is tracked."""
+    run_mean = tl.load(run_mean_ptr + feats, mask=ok, other=0.0).to(tl.float32)
+    run_var = tl.load(run_var_ptr + feats, mask=ok, other=0.0).to(tl.float32)
+    run_mean = run_mean * (1.0 - momentum) + mean * momentum
+    run_var = run_var * (1.0 - momentum) + var * (count / (count - 1.0)) * momentum
+    tl.store(run_mean_ptr + feats, run_mean.to(run_mean_ptr.dtype.element_ty), mask=ok)
+    tl.store(run_var_ptr + feats, run_var.to(run_var_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _store_partials(part_ptr, pid_r, n_parts, n_feat, feats, ok, first, second, third):
+    """One program's three per-feature partials into the [3, n_parts, n_feat] buffer."""
+    part = pid_r * n_feat + feats
+    plane = n_parts * n_feat
+    tl.store(part_ptr + part, first, mask=ok)
+    tl.store(part_ptr + plane + part, second, mask=ok)
+    tl.store(part_ptr + 2 * plane + part, third, mask=ok)
+
+
+@triton.jit
 def chan_merge(count, mean, m2, count_b, mean_b, m2_b):
     """Merge two (count, mean, sum of squared deviations) summaries (Chan et al.); counts may be 0."""
     total = count + count_b
@@ -165,11 +186,7 @@ def _dice_stats_kernel(
         mean_b = tl.sum(x, axis=0) / tl.maximum(count_b, 1.0)
         centred = tl.where(valid[:, None], x - mean_b[None, :], 0.0)
         count, mean, m2 = chan_merge(count, mean, m2, count_b, mean_b, tl.sum(centred * centred, axis=0))
-    part = pid_r * n_feat + feats
-    plane = n_parts * n_feat
-    tl.store(part_ptr + part, count, mask=feat_ok)
-    tl.store(part_ptr + plane + part, mean, mask=feat_ok)
-    tl.store(part_ptr + 2 * plane + part, m2, mask=feat_ok)
+    _store_partials(part_ptr, pid_r, n_parts, n_feat, feats, feat_ok, count, mean, m2)
 
 
 @triton.jit
@@ -198,13 +215,8 @@ def _dice_fwd_kernel(
         tl.store(stats_ptr + feats, mean, mask=feat_ok)
         tl.store(stats_ptr + n_feat + feats, rstd, mask=feat_ok)
         tl.store(stats_ptr + 2 * n_feat + feats, count, mask=feat_ok)
-        if TRAINING:  # nn.BatchNorm1d's update: biased var normalizes, unbiased var is tracked
-            run_mean = tl.load(run_mean_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)
-            run_var = tl.load(run_var_ptr + feats, mask=feat_ok, other=0.0).to(tl.float32)
-            run_mean = run_mean * (1.0 - momentum) + mean * momentum
-            run_var = run_var * (1.0 - momentum) + var * (count / (count - 1.0)) * momentum
-            tl.store(run_mean_ptr + feats, run_mean.to(run_mean_ptr.dtype.element_ty), mask=feat_ok)
-            tl.store(run_var_ptr + feats, run_var.to(run_var_ptr.dtype.element_ty), mask=feat_ok)
+        if TRAINING:
+            update_running_stats(run_mean_ptr, run_var_ptr, feats, feat_ok, mean, var, count, momentum)
     alpha, weight, bias = _load_params(alpha_ptr, weight_ptr, bias_ptr, feats, n_feat, AFFINE)
     first_row = pid_r.to(tl.int64) * rows_per_prog
     # second pass over the rows: last-read chunk first, as it is the likeliest to be still in L2
@@ -245,11 +257,7 @@ def _dice_bwd_reduce_kernel(
         sum_alpha += tl.sum(d_alpha, axis=0)
         sum_gz += tl.sum(g_z, axis=0)
         sum_gz_xhat += tl.sum(g_z * x_hat, axis=0)
-    part = pid_r * n_feat + feats
-    plane = n_parts * n_feat
-    tl.store(part_ptr + part, sum_alpha, mask=feat_ok)
-    tl.store(part_ptr + plane + part, sum_gz, mask=feat_ok)
-    tl.store(part_ptr + 2 * plane + part, sum_gz_xhat, mask=feat_ok)
+    _store_partials(part_ptr, pid_r, n_parts, n_feat, feats, feat_ok, sum_alpha, sum_gz, sum_gz_xhat)
 
 
 @triton.jit
