@@ -247,14 +247,20 @@ def check_dice_inputs(x, alpha, running_mean, running_var, weight, bias, trainin
 # ops
 
 
-# The fused attention kernel as torch.library ops (one graph node for torch.compile), with autograd.
-# The kernel module is imported lazily: triton may be missing, and TRITON_INTERPRET must be set first.
+# The fused kernels as torch.library ops (one graph node for torch.compile), with autograd.
+# The kernel modules are imported lazily: triton may be missing, and TRITON_INTERPRET must be set first.
 
 
 def _attention_kernels():
     from fastdin.kernels import attention_pool as attention_kernels
 
     return attention_kernels
+
+
+def _dice_kernels():
+    from fastdin.kernels import dice as dice_kernels
+
+    return dice_kernels
 
 
 def _attention_act_tensors(activation: str, act_params) -> tuple:
@@ -629,11 +635,8 @@ class _DiceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, running_mean, running_var, mask, training, momentum, eps):
-        # imported on first use, so that TRITON_INTERPRET set after `import fastdin` still applies
-        from fastdin.kernels import dice as dice_kernels
-
-        out, stats = dice_kernels.dice_forward(x, alpha, weight, bias, running_mean, running_var, mask,
-                                               training, momentum, eps)
+        out, stats = _dice_kernels().dice_forward(x, alpha, weight, bias, running_mean, running_var, mask,
+                                                  training, momentum, eps)
         ctx.save_for_backward(x, mask, alpha, weight, bias, stats)
         ctx.training = training
         return out
@@ -641,11 +644,9 @@ class _DiceFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        from fastdin.kernels import dice as dice_kernels
-
         x, mask, alpha, weight, bias, stats = ctx.saved_tensors
-        dx, dalpha, dweight, dbias = dice_kernels.dice_backward(grad_out, x, mask, alpha, weight, bias, stats,
-                                                                ctx.training)
+        dx, dalpha, dweight, dbias = _dice_kernels().dice_backward(grad_out, x, mask, alpha, weight, bias,
+                                                                   stats, ctx.training)
         return dx, dalpha, dweight, dbias, None, None, None, None, None, None
 
 
@@ -664,10 +665,8 @@ def _dice_op(
     Functional (an op with autograd may not mutate), so the kernel updates copies of the running
     statistics, [H] each, and the caller copies them back.
     """
-    from fastdin.kernels import dice as dice_kernels
-
     new_mean, new_var = running_mean.clone(), running_var.clone()
-    out, stats = dice_kernels.dice_forward(x, alpha, weight, bias, new_mean, new_var, mask, training, momentum, eps)
+    out, stats = _dice_kernels().dice_forward(x, alpha, weight, bias, new_mean, new_var, mask, training, momentum, eps)
     return out, stats, new_mean, new_var
 
 
@@ -683,9 +682,7 @@ def _dice_backward_op(
     bias: Optional[Tensor], stats: Tensor, training: bool,
 ) -> list[Tensor]:
     """[dx, dalpha] plus [dweight, dbias] with affine."""
-    from fastdin.kernels import dice as dice_kernels
-
-    grads = dice_kernels.dice_backward(grad_out, x, mask, alpha, weight, bias, stats, training)
+    grads = _dice_kernels().dice_backward(grad_out, x, mask, alpha, weight, bias, stats, training)
     return [g for g in grads if g is not None]
 
 
