@@ -519,7 +519,7 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
     if keys.is_cuda and HAS_TRITON:
         props = torch.cuda.get_device_properties(keys.device)
         limit = getattr(props, "shared_memory_per_block_optin", 232448)
-        needed = _attention_kernels().shared_memory_estimate(keys.shape[-1], hidden, keys.dtype)
+        needed = _attention_kernels().shared_memory_estimate(keys.shape[-1], tuple(hidden), keys.dtype)
         if needed > limit:
             return (f"D = {keys.shape[-1]} with hidden sizes {hidden} needs about {needed // 1024} KB of shared "
                     f"memory per program, more than the {limit // 1024} KB this GPU allows")

@@ -23,7 +23,8 @@ all positions, which depend on the layers above, so one sums pass per layer from
 
 Only Triton lives here: no autograd, no modules.
 """
-from typing import List, Optional, Sequence
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -670,7 +671,8 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
-def shared_memory_estimate(dim: int, hidden: Sequence[int], dtype: torch.dtype) -> int:
+@functools.lru_cache(maxsize=None)  # asked on every CUDA call (attention_kernel_gap); hidden is a tuple
+def shared_memory_estimate(dim: int, hidden: Tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of shared memory a program of the backward (the larger kernel) needs on sm_90.
 
     A fit to ptxas builds for sm_90 (bf16: D=32 80/40 -> 50 KB, D=64 256/128/64 -> 196 KB, D=64 512 ->
