@@ -1,4 +1,4 @@
-"""The `fastdin` command line: `fastdin train`, `fastdin info`, `fastdin bench`.
+"""The `fastdin` command line: `fastdin train`, `fastdin info`, `fastdin bench`, `fastdin export`.
 
 Each subcommand is a function that adds its parser to the subparsers and sets `run` (a function
 of the parsed args returning the exit code); add a new one to `SUBCOMMANDS`.
@@ -236,8 +236,48 @@ def add_bench(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# fastdin export
 
-SUBCOMMANDS = [add_train, add_info, add_bench]
+
+def add_export(subparsers) -> None:
+    from fastdin.export import FORMATS
+
+    p = subparsers.add_parser("export", help="export a checkpoint of `fastdin train --save` for serving",
+                              description="Export a trained DIN (a checkpoint of `fastdin train --save`) as ONNX, "
+                                          "a torch.export program, an AOTInductor package or a TorchScript trace "
+                                          "(see fastdin.export).")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the file `fastdin train --save` wrote")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="the artefact to write (.onnx; .pt2 for torch-export and aoti)")
+    p.set_defaults(run=run_export, parser=p)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fastdin.export import export
+
+    if not args.checkpoint.is_file():
+        args.parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if not args.out.parent.is_dir():
+        args.parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    saved = torch.load(args.checkpoint, map_location="cpu")
+    if not isinstance(saved, dict) or not {"state_dict", "model_config"} <= set(saved):
+        args.parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint of `fastdin train --save` "
+                          "(a dict with state_dict and model_config)")
+    model = DIN(**saved["model_config"])
+    model.load_state_dict(saved["state_dict"])
+    example = None
+    if "data_config" in saved:  # trace with the training data's own batch layout
+        data_config = SyntheticConfig(**saved["data_config"])
+        example = SyntheticDIN(data_config).batch("test", 0, data_config.max_history + 1)
+    export(model, args.format, args.out, example)
+    print(f"wrote {args.format} to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS = [add_train, add_info, add_bench, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
