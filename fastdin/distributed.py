@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from fastdin import reference
 from fastdin.functional import check_dice_inputs
+from fastdin.jagged import jagged_to_padded
 from fastdin.layers import AttentionPooling, Dice
 
 
@@ -124,9 +125,21 @@ class SyncDiceAttentionPooling(AttentionPooling):
     """`AttentionPooling` whose Dice layers (SyncDice) take their statistics over all ranks in
     training. The same math as `fastdin.reference.attention_pool`, with the MLP's modules."""
 
-    def forward(self, query: Tensor, keys: Tensor, lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+    def forward(self, query: Tensor, keys: Tensor, lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                **jagged):
         if not (self.training and self.mlp.activation == "dice" and _sync_active(self.mlp.activations[0].process_group)):
-            return super().forward(query, keys, lengths, mask)
+            return super().forward(query, keys, lengths, mask, **jagged)
+        offsets = jagged.pop("offsets", None)
+        if jagged:
+            raise TypeError(f"unexpected arguments {sorted(jagged)}")
+        if offsets is not None:  # jagged keys [N, D]: padded here, the weights packed back to [N] below
+            keys, lengths = jagged_to_padded(keys, offsets)
+        out, scores = self._padded(query, keys, lengths, mask)
+        if offsets is not None and self.return_scores:
+            scores = scores[reference.valid_positions(lengths, None, *scores.shape, scores.device)]
+        return (out, scores) if self.return_scores else out
+
+    def _padded(self, query: Tensor, keys: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor]):
         linears = list(self.mlp.linears) + [self.score]
         query2d, lengths = self._checked(query, keys, linears, lengths, mask)
         batch, seq_len, _ = keys.shape
@@ -142,7 +155,7 @@ class SyncDiceAttentionPooling(AttentionPooling):
         out = torch.bmm(scores.unsqueeze(1), keys).squeeze(1)
         if query.dim() == 3:
             out = out.unsqueeze(1)
-        return (out, scores) if self.return_scores else out
+        return out, scores
 
     def _checked(self, query, keys, linears, lengths, mask):
         from fastdin.functional import check_attention_inputs
