@@ -76,7 +76,13 @@ def worker(rank, init_file, out_dir):
             convert_sync_dice(module)
         assert type(dice) is SyncDice
         half = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
+        jagged_attention = copy.deepcopy(attention)
         result = run_case(dice, dice_in, attention, attention_in, din, batch, weights, half, ddp=True)
+        # jagged keys (values [N, D], offsets [B + 1]) give the padded call's output under sync too
+        query, keys, lengths = (t[half] for t in attention_in)
+        valid = torch.arange(keys.shape[1]) < lengths[:, None]
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        torch.testing.assert_close(jagged_attention(query, keys[valid], offsets=offsets), result["att_out"])
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.barrier()
