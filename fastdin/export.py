@@ -11,7 +11,8 @@ callable that maps a batch dict to logits, as the model does, in any process.
   which the loading process must register by importing fastdin; on the CPU the PyTorch path is traced.
 - "aoti": that program compiled ahead of time by AOTInductor into a package (.pt2) that runs
   without Python model code (a C++ compiler is needed to build it, not to load it).
-- "torchscript": `torch.jit.trace`. `torch.jit.script` is not supported: the modules use Python
+- "torchscript": `torch.jit.trace` (positional inputs; their names go to PATH.inputs beside it,
+  which `load` reads). `torch.jit.script` is not supported: the modules use Python
   features TorchScript does not compile (f-strings in error messages, NamedTuple `DiceParams` with
   tensors and floats dispatched by isinstance, Optional module attributes, `torch.library` custom
   ops called through Python), so it fails at `Dice` and in `DIN.forward`.
