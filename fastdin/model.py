@@ -74,7 +74,7 @@ class DIN(nn.Module):
         candidates, in eval mode, without copying the history N times; see `fastdin.serving`."""
         from fastdin.serving import score_candidates
 
-        return score_candidates(self, user_batch, candidate_items, candidate_categories)
+        return score_candidates(self, user_batch, {"item": candidate_items, "category": candidate_categories})
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         for name in ("item", "category", "hist_items", "hist_categories", "lengths"):

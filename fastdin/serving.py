@@ -18,12 +18,21 @@ stays bounded as N grows instead of growing with N*T.
 
 On CUDA (and with backend "triton") the attention layer runs instead on the history expanded to N
 rows with stride 0 (`Tensor.expand`, no copy): the fused kernel reads the keys in place.
+
+The rest of the model is the model's own forward, so it needs no change when the model does:
+`score_candidates` runs it once on the user's row, with the attention replaced by a stand-in that
+keeps the embedded history. Then it runs again on N rows: the user's row expanded with stride 0,
+the candidates' features, and the history cut to one position. This time the stand-in answers
+with each candidate's interest in the kept history. The stand-in goes into a view of the model
+(`_ModelWithAttention`) rather than into the model, so concurrent calls stay safe.
 """
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
+from fastdin import reference
+from fastdin.functional import check_positions
 from fastdin.layers import AttentionPooling
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # (candidate, position) rows per chunk: 16 MB per fp32 hidden layer of width 64
@@ -73,58 +82,95 @@ def candidate_attention(attention: AttentionPooling, queries: Tensor, history: T
     return out
 
 
-def _user_history(model: nn.Module, user_batch: Mapping[str, Tensor]) -> Tensor:
-    """The user's valid behaviours [L, 2E] (item and category embeddings)."""
-    for name in ("hist_items", "hist_categories", "lengths"):
-        if name not in user_batch:
-            raise ValueError(f"user_batch is missing {name!r}; it needs hist_items [1, T], hist_categories [1, T], lengths [1]")
-    items, categories, lengths = user_batch["hist_items"], user_batch["hist_categories"], user_batch["lengths"]
-    if items.dim() != 2 or items.shape[0] != 1 or categories.shape != items.shape:
-        raise ValueError(f"user_batch's hist_items and hist_categories must both be [1, T] (one user), "
-                         f"got {list(items.shape)} and {list(categories.shape)}")
-    if lengths.numel() != 1 or lengths.is_floating_point():
-        raise ValueError(f"user_batch['lengths'] must hold one integer (the user's history length), got {list(lengths.shape)} {lengths.dtype}")
-    length = int(lengths.reshape(()).item())
-    if not 0 <= length <= items.shape[1]:
-        raise ValueError(f"user_batch['lengths'] must lie in [0, T] = [0, {items.shape[1]}], got {length}")
-    return torch.cat([model.embeddings["item"](items[0, :length]), model.embeddings["category"](categories[0, :length])], -1)
+class _ModelWithAttention:
+    """The model seen through its attributes with `attention` replaced, for `type(model).forward`.
+
+    The model itself is not changed, so that concurrent calls on it stay safe."""
+
+    def __init__(self, model: nn.Module, attention):
+        self.__dict__.update(_model=model, attention=attention)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
-def score_candidates(model: nn.Module, user_batch: Mapping[str, Tensor], candidate_items: Tensor,
-                     candidate_categories: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
-    """Logits [N] of one user (a batch of one row, without item/category) for N candidates.
+class _CaptureHistory:
+    """Stands in for the attention in the user's own one-row forward: keeps the history it is given."""
 
-    Equal to the model on a batch of N rows holding the user's row N times with the candidates as
-    "item"/"category", in eval mode, without building that batch. See `fastdin.DIN.score_candidates`.
+    history = None
+
+    def __call__(self, query, keys, lengths=None, mask=None, **_):
+        lengths = check_positions(lengths, mask, keys.shape[0], keys.shape[1])  # as the attention would
+        valid = reference.valid_positions(lengths, mask, keys.shape[0], keys.shape[1], keys.device)
+        self.history = keys[0][valid[0]]  # the user's valid behaviours [L, D]
+        return query.new_zeros(query.shape)
+
+
+class _CandidateInterest:
+    """Stands in for the attention in the N-row forward: the interest of each candidate in the captured history."""
+
+    def __init__(self, attention: Optional[AttentionPooling], history: Tensor, chunk_rows: int):
+        self.attention, self.history, self.chunk_rows = attention, history, chunk_rows
+
+    def __call__(self, query, keys, lengths=None, mask=None, **_):
+        num, history = query.shape[0], self.history
+        if self.attention is None or history.shape[0] == 0:  # sum pooling, or no behaviour: one interest for all
+            return history.sum(0, keepdim=True).expand(num, -1)
+        if history.is_cuda or self.attention.backend == "triton":
+            # the kernel reads stride-0 keys in place: no copy of the history
+            return self.attention(query, history.unsqueeze(0).expand(num, -1, -1))
+        return candidate_attention(self.attention, query, history, self.chunk_rows)
+
+
+def _history_names(model: nn.Module):
+    """The batch keys of the behaviour sequences ([B, T] ids)."""
+    schema = getattr(model, "schema", None)
+    if schema is not None and hasattr(schema, "sequences"):
+        return {f.name for f in schema.sequences}
+    return {"hist_items", "hist_categories"}
+
+
+def score_candidates(model: nn.Module, user_batch: Mapping[str, Tensor], candidates: Mapping[str, Tensor],
+                     chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """Logits [N] of one user (a batch of one row) for N candidates (candidate feature name -> ids [N]).
+
+    Equal to the model on a batch of N rows holding the user's row N times with the candidates'
+    features, in eval mode, without building that batch: the model's own forward runs once on the
+    user's row (its history is taken from there), then on N rows whose history is cut to one
+    position, with the attention answered from the kept history (`candidate_attention`). Works for
+    any model whose forward calls `self.attention(candidate, history, lengths=..., mask=...)` when
+    `self.attention` is not None, as `fastdin.DIN` does. See `fastdin.DIN.score_candidates`.
     """
     if model.training:
         raise ValueError("score_candidates is an inference call: put the model in eval mode (model.eval()) first")
-    for name, ids in (("candidate_items", candidate_items), ("candidate_categories", candidate_categories)):
+    if not candidates:
+        raise ValueError("candidates must name at least one candidate feature (e.g. item and category ids [N])")
+    for name, ids in candidates.items():
         if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point():
             shape = list(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
-            raise ValueError(f"{name} must be a 1-D integer tensor [N] of ids, got {shape}")
-    if candidate_items.shape != candidate_categories.shape:
-        raise ValueError(f"candidate_items and candidate_categories must have one length N, got "
-                         f"{candidate_items.shape[0]} and {candidate_categories.shape[0]}")
-    num = candidate_items.shape[0]
+            raise ValueError(f"candidate {name} must be a 1-D integer tensor [N] of ids, got {shape}")
+    sizes = {name: ids.shape[0] for name, ids in candidates.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"the candidate features must have one length N, got {sizes}")
+    for name, t in user_batch.items():
+        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != 1:
+            shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"user_batch must hold one user (dim 0 of size 1): user_batch[{name!r}] is {shape}")
+    num = next(iter(sizes.values()))
+    forward = type(model).forward
     with torch.no_grad():
-        candidates = torch.cat([model.embeddings["item"](candidate_items),
-                                model.embeddings["category"](candidate_categories)], -1)
-        history = _user_history(model, user_batch)
-        attention = model.attention
-        if attention is None or history.shape[0] == 0:  # sum pooling, or no behaviour: one interest for all
-            interest = history.sum(0, keepdim=True).expand(num, -1)
-        elif history.is_cuda or attention.backend == "triton":
-            # the kernel reads stride-0 keys in place: no copy of the history
-            keys = history.unsqueeze(0).expand(num, -1, -1)
-            interest = attention(candidates, keys)
-        else:
-            interest = candidate_attention(attention, candidates, history, chunk_rows)
-        parts = []
-        if "user_sparse" in user_batch:
-            ids = user_batch["user_sparse"].reshape(1, -1)
-            parts += [model.embeddings[f"user_{f}"](ids[:, f]).expand(num, -1) for f in range(ids.shape[1])]
-        parts += [candidates, interest]
-        if model.num_dense:
-            parts.append(user_batch["dense"].reshape(1, -1).expand(num, -1))
-        return model.out(model.mlp(torch.cat(parts, -1))).squeeze(-1)
+        capture = _CaptureHistory()
+        forward(_ModelWithAttention(model, capture),
+                dict(user_batch, **{name: ids[:1] for name, ids in candidates.items()}))
+        if num == 0:
+            return capture.history.new_zeros(0)
+        history_names = _history_names(model)
+        rows = {}
+        for name, t in user_batch.items():
+            if name in history_names or name == "mask":
+                t = t[:, :1]  # the attention is answered from the captured history: one position suffices
+            elif name == "lengths":
+                t = t.clamp(max=1)
+            rows[name] = t.expand(num, *t.shape[1:])  # stride 0: no copy of the user's row
+        interest = _CandidateInterest(model.attention, capture.history, chunk_rows)
+        return forward(_ModelWithAttention(model, interest), dict(rows, **candidates))

@@ -73,7 +73,7 @@ def test_chunks_an_empty_history_and_sum_pooling():
     whole = model.score_candidates(user, items, categories)
     from fastdin.serving import score_candidates
 
-    torch.testing.assert_close(score_candidates(model, user, items, categories, chunk_rows=13), whole)  # 2 per chunk
+    torch.testing.assert_close(score_candidates(model, user, {"item": items, "category": categories}, chunk_rows=13), whole)  # 2 per chunk
     empty, _, _ = user_and_candidates(model, 6, 0, num=10, user_features=False)
     want = model(repeated_batch(empty, items, categories, torch.float32))
     torch.testing.assert_close(model.score_candidates(empty, items, categories), want)
@@ -95,13 +95,13 @@ def test_stride0_keys_through_the_kernel_path():
 def test_bad_input_names_the_argument():
     model = make_model()
     user, items, categories = user_and_candidates(model, 5, 4, num=3)
-    with pytest.raises(ValueError, match="candidate_items must be a 1-D integer tensor"):
+    with pytest.raises(ValueError, match="candidate item must be a 1-D integer tensor"):
         model.score_candidates(user, items.float(), categories)
-    with pytest.raises(ValueError, match="one length N"):
+    with pytest.raises(ValueError, match="must have one length N"):
         model.score_candidates(user, items, categories[:2])
-    with pytest.raises(ValueError, match=r"must both be \[1, T\]"):
+    with pytest.raises(ValueError, match=r"one user \(dim 0 of size 1\): user_batch\['hist_items'\] is \[2, 5\]"):
         model.score_candidates(dict(user, hist_items=user["hist_items"].repeat(2, 1)), items, categories)
-    with pytest.raises(ValueError, match=r"lengths'\] must lie in \[0, T\]"):
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\] = \[0, 5\]"):
         model.score_candidates(dict(user, lengths=torch.tensor([6])), items, categories)
     with pytest.raises(ValueError, match="missing 'hist_categories'"):
         model.score_candidates({"hist_items": user["hist_items"], "lengths": user["lengths"]}, items, categories)
