@@ -1,4 +1,4 @@
-"""The `fastdin` command line: `fastdin train`, `fastdin info`, `fastdin bench`.
+"""The `fastdin` command line: `fastdin train`, `evaluate`, `predict`, `info`, `bench`.
 
 Each subcommand is a function that adds its parser to the subparsers and sets `run` (a function
 of the parsed args returning the exit code); add a new one to `SUBCOMMANDS`.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import fastdin
-from fastdin import functional
+from fastdin import cli_data, functional
 from fastdin.data import SyntheticConfig, SyntheticDIN
 from fastdin.layers import AttentionPooling
 from fastdin.model import DIN, POOLINGS
@@ -83,6 +83,7 @@ def add_train(subparsers) -> None:
     p.add_argument("--save", type=Path, metavar="PATH", help="save the model's state dict and config (torch.save)")
     p.add_argument("--metrics-out", type=Path, metavar="FILE", help="write the final metrics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_data.add_data_arguments(p)
     p.set_defaults(run=run_train, parser=p)
 
 
@@ -102,6 +103,8 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 
 def run_train(args: argparse.Namespace) -> int:
     device = _device(args.parser, args.device)
+    if args.data != "synthetic":
+        return cli_data.run_train_files(args, device)
     for flag, path in (("--save", args.save), ("--metrics-out", args.metrics_out)):
         if path is not None and not path.parent.is_dir():  # fail now, not after the training
             args.parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
@@ -134,7 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
         metrics = train(
             model, train_stream, data.stream("test", args.test_size, TEST_BATCH_SIZE),
             epochs=args.epochs, lr=args.lr, device=device, optimizer=args.optimizer,
-            after_backward=regularizer, progress=not args.no_progress,
+            after_backward=regularizer, progress=not args.no_progress, threads=args.threads,
         )
     except NotImplementedError as error:  # backend="triton" where no kernel covers the case
         args.parser.error(str(error))
@@ -237,7 +240,7 @@ def add_bench(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_train, add_info, add_bench]
+SUBCOMMANDS = [add_train, cli_data.add_evaluate, cli_data.add_predict, add_info, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

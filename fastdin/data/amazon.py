@@ -109,7 +109,7 @@ def load(path: Union[str, Path], vocabulary: Optional[Vocabulary] = None, seed: 
     if missing:
         raise DataFileError(meta, f"{len(missing)} reviewed items have no meta record, e.g. {missing[:3]}")
     categories = np.array([item_category[i] for i in items], dtype=object)
-    vocabulary, users, items, categories = encode_log(vocabulary, users, items, categories)
+    vocabulary, user_names, users, items, categories = encode_log(vocabulary, users, items, categories)
     order = time_order(users, times)
     users, items, categories = users[order], items[order], categories[order]
     start, rank = user_ranks(users)
@@ -131,4 +131,4 @@ def load(path: Union[str, Path], vocabulary: Optional[Vocabulary] = None, seed: 
         samples = samples.truncate(max_len)
     is_test = np.concatenate([rank[rows] == count[rows] - 1] * 2)
     return LoadedData(samples.subset(~is_test), samples.subset(is_test), vocabulary, two_field_schema(vocabulary),
-                      "amazon", {"seed": seed, "category": category, "max_len": max_len})
+                      "amazon", {"seed": seed, "category": category, "max_len": max_len}, user_names=user_names)

@@ -6,8 +6,8 @@ import numpy as np
 from fastdin.data.vocabulary import Vocabulary
 
 
-def encode_log(vocabulary: Optional[Vocabulary], users, items, categories) -> Tuple[Vocabulary, np.ndarray, np.ndarray, np.ndarray]:
-    """(vocabulary, user, item, category indices); a new vocabulary is fitted when none is given.
+def encode_log(vocabulary: Optional[Vocabulary], users, items, categories) -> Tuple[Vocabulary, Vocabulary, np.ndarray, np.ndarray, np.ndarray]:
+    """(vocabulary, users' vocabulary, user, item, category indices); a new vocabulary is fitted when none is given.
 
     With a given vocabulary (a checkpoint's), unseen tokens become 0; the users, which are no model
     input, are then encoded on their own so that GAUC still tells them apart.
@@ -18,7 +18,7 @@ def encode_log(vocabulary: Optional[Vocabulary], users, items, categories) -> Tu
         vocabulary.fit("category", categories)
     users_own = Vocabulary()
     users_own.fit("user", users)
-    return (vocabulary, users_own.encode("user", users), vocabulary.encode("item", items),
+    return (vocabulary, users_own, users_own.encode("user", users), vocabulary.encode("item", items),
             vocabulary.encode("category", categories))
 
 

@@ -198,10 +198,13 @@ def _sequences(values: pd.Series, sep: str, where: _Where, column: str) -> Tuple
 
 
 def read_rows(path: Union[str, Path], spec: ColumnMap, vocabulary: Vocabulary, fit: bool,
-              chunk_rows: int = 1_000_000) -> Samples:
-    """Samples from a CSV or Parquet file; `fit` adds the file's ids to the vocabulary first."""
+              chunk_rows: int = 1_000_000, user_names: Optional[Vocabulary] = None) -> Samples:
+    """Samples from a CSV or Parquet file; `fit` adds the file's ids to the vocabulary first.
+
+    The users (no model input unless also a sparse field) are encoded with `user_names`, which always grows.
+    """
     path = require_file(path)
-    users_vocab = Vocabulary()
+    users_vocab = Vocabulary() if user_names is None else user_names
     parts: Dict[str, list] = {k: [] for k in ("labels", "users", "hist_len")}
     cand = {n: [] for n in spec.candidates}
     seqs = {n: [] for n in spec.sequences}

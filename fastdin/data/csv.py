@@ -36,16 +36,18 @@ def load_with_map(path: Union[str, Path], spec: ColumnMap, vocabulary: Optional[
     fit = vocabulary is None
     vocabulary = Vocabulary() if vocabulary is None else vocabulary
     first = "train" if "train" in files else next(iter(files))
-    read = {first: read_rows(files[first], spec, vocabulary, fit=fit)}
+    user_names = Vocabulary()
+    read = {first: read_rows(files[first], spec, vocabulary, fit=fit, user_names=user_names)}
     for split, file in files.items():
         if split != first:
-            read[split] = read_rows(file, spec, vocabulary, fit=False)
+            read[split] = read_rows(file, spec, vocabulary, fit=False, user_names=user_names)
     if "all" in read:
         train, test = read["all"], None
     else:
         train, test = read.get("train"), read.get("test")
     return LoadedData(train, test, vocabulary, spec.schema(vocabulary), fmt,
-                      {"files": {k: str(v) for k, v in files.items()}}, valid=read.get("valid"))
+                      {"files": {k: str(v) for k, v in files.items()}}, valid=read.get("valid"),
+                      user_names=user_names)
 
 
 def load(path: Union[str, Path], schema: Union[str, Path, dict, ColumnMap, None] = None,

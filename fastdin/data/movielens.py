@@ -100,7 +100,7 @@ def rating_rows(users, items, categories, labels, times, vocabulary: Optional[Vo
     """The DIN MovieLens protocol on encoded-or-raw rating rows (shared with the RecBole loader)."""
     if history not in ("positive", "all"):
         raise ValueError(f"history must be 'positive' or 'all', got {history!r}")
-    vocabulary, users, items, categories = encode_log(vocabulary, users, items, categories)
+    vocabulary, user_names, users, items, categories = encode_log(vocabulary, users, items, categories)
     order = time_order(users, times)
     users, items, categories, labels = users[order], items[order], categories[order], labels[order]
     behaves = labels > 0 if history == "positive" else np.ones(len(labels), bool)
@@ -116,7 +116,8 @@ def rating_rows(users, items, categories, labels, times, vocabulary: Optional[Vo
                       labels=labels.astype(np.float32), users=users).truncate(max_len)
     train, test = samples.split_users(test_fraction, seed)
     return LoadedData(train, test, vocabulary, two_field_schema(vocabulary), fmt,
-                      {**options, "history": history, "max_len": max_len, "test_fraction": test_fraction, "seed": seed})
+                      {**options, "history": history, "max_len": max_len, "test_fraction": test_fraction, "seed": seed},
+                      user_names=user_names)
 
 
 def load(path: Union[str, Path], vocabulary: Optional[Vocabulary] = None, seed: int = 0, max_len: int = 100,

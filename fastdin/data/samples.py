@@ -87,7 +87,10 @@ class Samples:
 
 
 class SampleBatches:
-    """Re-iterable batches of `Samples`; with shuffle, each pass draws a new order from (seed, pass)."""
+    """Re-iterable batches of `Samples`; with shuffle, each pass draws a new order from (seed, pass).
+
+    A shuffled pass leaves out a one-row remainder (Dice in training needs two rows).
+    """
 
     def __init__(self, samples: Samples, batch_size: int, shuffle: bool = False, seed: int = 0):
         if batch_size < 1:
@@ -95,13 +98,19 @@ class SampleBatches:
         self.samples, self.batch_size, self.shuffle, self.seed, self._passes = samples, batch_size, shuffle, seed, 0
 
     def __len__(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+        n = len(self.samples)
+        if self.shuffle and n > 1 and n % self.batch_size == 1:
+            n -= 1
+        return -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Dict[str, Tensor]]:
         n = len(self.samples)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self._passes]).permutation(n)
             self._passes += 1
+            if n > 1 and n % self.batch_size == 1:
+                # a one-row last batch has no batch statistics for Dice; the next pass's order differs
+                order = order[:-1]
         else:
             order = np.arange(n)
         for begin in range(0, n, self.batch_size):
@@ -118,6 +127,7 @@ class LoadedData:
     format: str
     options: Dict[str, object] = field(default_factory=dict)
     valid: Optional[Samples] = None  # where the files bring their own validation rows
+    user_names: Optional[Vocabulary] = None  # decodes Samples.users ("user"), for the predictions' output
 
     def split(self, name: str) -> Samples:
         if name == "all":

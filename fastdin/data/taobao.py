@@ -62,7 +62,7 @@ def load(path: Union[str, Path], vocabulary: Optional[Vocabulary] = None, seed: 
     if path.is_dir():
         path = path / "UserBehavior.csv"
     users, items, categories, times = read_log(path)
-    vocabulary, users, items, categories = encode_log(vocabulary, users, items, categories)
+    vocabulary, user_names, users, items, categories = encode_log(vocabulary, users, items, categories)
     order = time_order(users, times)
     users, items, categories, times = users[order], items[order], categories[order], times[order]
     start, rank = user_ranks(users)
@@ -87,4 +87,5 @@ def load(path: Union[str, Path], vocabulary: Optional[Vocabulary] = None, seed: 
     split_time = np.sort(last_time)[int(len(last_time) * test_quantile)] if len(last_time) > 1 else np.inf
     is_test = last_time > split_time
     return LoadedData(samples.subset(~is_test), samples.subset(is_test), vocabulary, two_field_schema(vocabulary),
-                      "taobao", {"seed": seed, "max_len": max_len, "test_quantile": test_quantile})
+                      "taobao", {"seed": seed, "max_len": max_len, "test_quantile": test_quantile},
+                      user_names=user_names)
