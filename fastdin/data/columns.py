@@ -151,7 +151,7 @@ def _chunks(path: Path, spec: ColumnMap, chunk_rows: int) -> Iterator[Tuple[pd.D
 
 
 def _labels(values: pd.Series, where: _Where, column: str) -> np.ndarray:
-    if values.dtype == object:
+    if not pd.api.types.is_numeric_dtype(values):
         text = values.astype(str).str.strip()
         ok = text.isin(["0", "1", "0.0", "1.0"])
         if not ok.all():
@@ -162,7 +162,7 @@ def _labels(values: pd.Series, where: _Where, column: str) -> np.ndarray:
     ok = (array == 0) | (array == 1)
     if not ok.all():
         row = int(np.flatnonzero(~ok)[0])
-        raise where.error(f"labels must be 0 or 1, got {array[row]!r}", row, column)
+        raise where.error(f"labels must be 0 or 1, got {array[row].item()!r}", row, column)
     return array.astype(np.float32)
 
 
@@ -235,13 +235,12 @@ def read_rows(path: Union[str, Path], spec: ColumnMap, vocabulary: Vocabulary, f
                 row = int(np.flatnonzero(np.isnan(values))[0])
                 raise where.error(f"expected a number, got {frame[column].iloc[row]!r}", row, column)
             dense[column].append(values[:, None])
-        if fit:
-            for name, t in tokens.items():
-                vocabulary.fit(name, t)
-            for name, t in seq_tokens.items():
-                vocabulary.fit(spec.vocab_of(name), t)
-            for name, (t, _) in multi_tokens.items():
-                vocabulary.fit(name, t)
+        if fit:  # one fit per vocabulary, so that a chunk's new ids are sorted together
+            new: Dict[str, list] = {}
+            for name, t in [*tokens.items(), *seq_tokens.items(), *((n, t) for n, (t, _) in multi_tokens.items())]:
+                new.setdefault(spec.vocab_of(name), []).append(t)
+            for name, pieces in new.items():
+                vocabulary.fit(name, *pieces)
         for name in spec.candidates:
             cand[name].append(vocabulary.encode(name, tokens[name]))
         for name in spec.sparse:

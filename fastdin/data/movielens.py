@@ -66,8 +66,8 @@ def _read(path: Path, sep: str, names, header: bool, encoding: str = "utf-8") ->
 def read_ratings(path: Path):
     """(user, movie, rating, timestamp) arrays and the movie -> first genre map of a MovieLens folder."""
     if (path / "u.data").is_file():
-        ratings = _read(path / "u.data", "\t", ["user", "movie", "rating", "timestamp"], False)
-        line0 = 1
+        ratings_path, line0 = path / "u.data", 1
+        ratings = _read(ratings_path, "\t", ["user", "movie", "rating", "timestamp"], False)
         items = _read(path / "u.item", "|", ["movie", "title", "release", "video", "url", *GENRES_100K], False,
                       encoding="latin-1")
         flags = items[GENRES_100K].to_numpy()
@@ -78,19 +78,19 @@ def read_ratings(path: Path):
         first = np.where((flags == "1").any(1), (flags == "1").argmax(1), 0)
         genre = dict(zip(items["movie"], np.array(GENRES_100K, dtype=object)[first]))
     elif (path / "ratings.dat").is_file():
-        ratings = _read(path / "ratings.dat", "::", ["user", "movie", "rating", "timestamp"], False)
-        line0 = 1
+        ratings_path, line0 = path / "ratings.dat", 1
+        ratings = _read(ratings_path, "::", ["user", "movie", "rating", "timestamp"], False)
         movies = _read(path / "movies.dat", "::", ["movie", "title", "genres"], False, encoding="latin-1")
         genre = dict(zip(movies["movie"], movies["genres"].str.split("|").str[0]))
     elif (path / "ratings.csv").is_file():
-        ratings = _read(path / "ratings.csv", ",", ["userId", "movieId", "rating", "timestamp"], True)
+        ratings_path, line0 = path / "ratings.csv", 2
+        ratings = _read(ratings_path, ",", ["userId", "movieId", "rating", "timestamp"], True)
         ratings = ratings.rename(columns={"userId": "user", "movieId": "movie"})
-        line0 = 2
         movies = _read(path / "movies.csv", ",", ["movieId", "title", "genres"], True)
         genre = dict(zip(movies["movieId"], movies["genres"].str.split("|").str[0]))
     else:
         raise FileNotFoundError(f"{path}: expected a MovieLens folder with u.data, ratings.dat or ratings.csv")
-    numbers = _numbers(path, ratings, ["rating", "timestamp"], line0)
+    numbers = _numbers(ratings_path, ratings, ["rating", "timestamp"], line0)
     return ratings["user"].to_numpy(object), ratings["movie"].to_numpy(object), numbers["rating"], \
         numbers["timestamp"].astype(np.int64), genre
 

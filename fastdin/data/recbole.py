@@ -75,7 +75,8 @@ def load(path: Union[str, Path], vocabulary: Optional[Vocabulary] = None, seed: 
         labels = _column(inter_path, inter, "label", number=True)
         if not np.isin(labels, [0, 1]).all():
             row = int(np.flatnonzero(~np.isin(labels, [0, 1]))[0])
-            raise DataFileError(inter_path, f"labels must be 0 or 1, got {labels[row]!r}", line=row + 2, column="'label'")
+            raise DataFileError(inter_path, f"labels must be 0 or 1, got {inter['label'].iloc[row]!r}", line=row + 2,
+                                column="'label'")
     else:
         labels = (_column(inter_path, inter, "rating", number=True) >= threshold).astype(np.float32)
     item_path = find(path, "item")
