@@ -46,8 +46,16 @@ def split_validation(loaded: LoadedData, fraction: float, seed: int):
     if loaded.train is None:
         raise ValueError(f"the {loaded.format} data has no training rows")
     if loaded.valid is not None:
-        return loaded.train, loaded.valid
-    return loaded.train.split_users(fraction, seed)
+        train, valid = loaded.train, loaded.valid
+    else:
+        train, valid = loaded.train.split_users(fraction, seed)
+    if len(train) < 2:
+        raise ValueError(f"{len(train)} training rows are left after holding out the validation users; "
+                         f"lower --valid-fraction (now {fraction})")
+    if len(np.unique(valid.labels)) < 2:
+        raise ValueError(f"the {len(valid)} validation rows hold only one label, so they give no AUC; "
+                         f"raise --valid-fraction (now {fraction}) or give the files a valid split")
+    return train, valid
 
 
 def train_on_files(fmt: str, path: Union[str, Path], *, options: Dict[str, object], model_kwargs: Dict[str, object],
