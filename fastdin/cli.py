@@ -44,9 +44,9 @@ TEST_BATCH_SIZE = 1024  # fixed: a stream's rows depend on its batch size, and t
 
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train DIN on synthetic click data and report test AUC and logloss",
-        description="Train DIN on synthetic click data with planted user interests (fastdin.data). "
-                    "The defaults take under a minute on a 2-core CPU.",
+        "train", help="train DIN on synthetic click data or data files (--data) and report test AUC and logloss",
+        description="Train DIN on synthetic click data with planted user interests (fastdin.data; the defaults "
+                    "take under a minute on a 2-core CPU), or on data files: --data FORMAT --path PATH.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--pooling", choices=POOLINGS, default="attention",

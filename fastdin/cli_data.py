@@ -45,6 +45,9 @@ def run_train_files(args: argparse.Namespace, device: torch.device) -> int:
 
     if args.path is None:
         args.parser.error(f"--data {args.data} needs --path")
+    for flag, value in (("--mba-lambda", args.mba_lambda), ("--l2", args.l2), ("--user-features", args.user_features)):
+        if value:  # synthetic-only flags: refused rather than silently ignored
+            args.parser.error(f"{flag} is for the synthetic data; it does not combine with --data {args.data} yet")
     for flag, path in (("--save", args.save), ("--metrics-out", args.metrics_out)):
         _check_out(args.parser, flag, path)
     try:

@@ -106,6 +106,7 @@ def test_generic_csv_and_recbole(tmp_path, capsys):
     (["train", "--data", "bars", *TINY], "--data bars needs --path"),
     (["train", "--data", "csv", "--path", "x.csv", *TINY], "needs --schema FILE"),
     (["train", "--data", "bars", "--path", "missing-folder", *TINY], "no such file or folder"),
+    (["train", "--data", "bars", "--path", "x", "--mba-lambda", "1", *TINY], "--mba-lambda is for the synthetic data"),
 ])
 def test_train_refuses(argv, words, capsys):
     try:

@@ -158,7 +158,7 @@ def test_generic_bad_files(tmp_path):
     with pytest.raises(DataFileError, match=r"c.csv, line 3, column 'price': expected a number, got 'cheap'"):
         load("csv", path, schema=tmp_path / "map.json")
     path = write_parquet(tmp_path / "c.parquet", [dict(ROWS[0]), {**ROWS[1], "clicked": 5}])
-    with pytest.raises(DataFileError, match=r"c.parquet, column 'clicked': labels must be 0 or 1, got 5 \(row 2\)"):
+    with pytest.raises(DataFileError, match=r"c.parquet, row 2, column 'clicked': labels must be 0 or 1, got 5"):
         load("csv", path, schema=tmp_path / "map.json")
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(DataFileError, match="junk.parquet: not a Parquet file"):

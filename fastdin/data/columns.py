@@ -106,7 +106,7 @@ class _Where:
         if row is None:
             return DataFileError(self.path, message, column=repr(column) if column else None)
         if self.parquet:
-            return DataFileError(self.path, message + f" (row {row + 1})", column=repr(column) if column else None)
+            return DataFileError(self.path, message, row=row + 1, column=repr(column) if column else None)
         return DataFileError(self.path, message, line=self.first_line + row, column=repr(column) if column else None)
 
 
