@@ -102,6 +102,16 @@ def _loaded(args):
     return model.to(args.device), loaded, loaded.split(split), split
 
 
+def _score_rows(args, command: str, score):
+    """(loaded, rows, split, score(model, rows)) for the checkpoint and files; None after a one-line error."""
+    try:
+        model, loaded, rows, split = _loaded(args)
+        return loaded, rows, split, score(model, rows, batch_size=args.batch_size, device=args.device)
+    except (DataFileError, FileNotFoundError, ValueError) as error:
+        print(f"fastdin {command}: {error}")
+        return None
+
+
 def add_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="AUC, GAUC and logloss of a saved model on data files",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -114,12 +124,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from fastdin.evaluate import evaluate
 
     _check_out(args.parser, "--out", args.out)
-    try:
-        model, _, rows, split = _loaded(args)
-        metrics = evaluate(model, rows, batch_size=args.batch_size, device=args.device)
-    except (DataFileError, FileNotFoundError, ValueError) as error:
-        print(f"fastdin evaluate: {error}")
+    done = _score_rows(args, "evaluate", evaluate)
+    if done is None:
         return 2
+    _, _, split, metrics = done
     _print_metrics(split, metrics)
     if args.out is not None:
         args.out.write_text(json.dumps({"split": split, **metrics}, indent=2) + "\n")
@@ -143,12 +151,10 @@ def run_predict(args: argparse.Namespace) -> int:
     _check_out(args.parser, "--out", args.out)
     if args.out.suffix.lower() not in (".csv", ".parquet", ".pq"):
         args.parser.error(f"--out must end in .csv or .parquet, got {args.out}")
-    try:
-        model, loaded, rows, split = _loaded(args)
-        scores = predict(model, rows, batch_size=args.batch_size, device=args.device)
-    except (DataFileError, FileNotFoundError, ValueError) as error:
-        print(f"fastdin predict: {error}")
+    done = _score_rows(args, "predict", predict)
+    if done is None:
         return 2
+    loaded, rows, split, scores = done
     write_scores(score_table(loaded, rows, scores), args.out)
     print(f"wrote {len(scores)} scores ({split} rows) to {args.out}")
     return 0

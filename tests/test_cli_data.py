@@ -71,6 +71,12 @@ def test_resume_and_early_stopping(bars, tmp_path, capsys):
     assert "epoch 2/3" in printed and "epoch 1/3" not in printed
     assert main(["train", "--data", "bars", "--path", str(bars), "--epochs", "1", "--resume", str(ckpt), *TINY]) == 2
     assert "leaves nothing to resume" in capsys.readouterr().out
+    # evaluate and predict report a bad file in one line too
+    (bars / "test.csv").write_text("label,user_id,item_id,cate_id,item_history,cate_history\n1,u,i,c,a^,b^\n")
+    for command in (["evaluate"], ["predict", "--out", str(tmp_path / "s.csv")]):
+        assert main([*command, "--checkpoint", str(ckpt), "--path", str(bars)]) == 2
+        assert f"fastdin {command[0]}: " in capsys.readouterr().out
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_patience_stops_early(bars, tmp_path, capsys):
