@@ -181,3 +181,15 @@ def test_bad_schema_files(tmp_path):
         load_schema(tmp_path / "list.json")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_schema(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("positions", ["lengths", "padding-id"])
+def test_schema_model_compiles_fullgraph(positions):
+    """The batch checks stay out of the graph: torch.compile(fullgraph=True) traces a schema-built DIN."""
+    model = DIN(schema=three_field_schema("left" if positions == "lengths" else "right"), **small()).eval()
+    batch = three_field_batch()
+    if positions == "padding-id":
+        batch.pop("lengths")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(batch), model(batch))
