@@ -63,11 +63,41 @@ def _read(path: Path, sep: str, names, header: bool, encoding: str = "utf-8") ->
     return frame
 
 
+RATING_DTYPES = {"user": np.int64, "movie": np.int64, "rating": np.float64, "timestamp": np.int64}
+
+
+def _read_ratings(path: Path, sep: str, header: bool) -> dict:
+    """user, movie, rating, timestamp arrays of a ratings file; parsed as numbers in C when they are.
+
+    A file whose ids are not all integers is read again as text (ids kept as tokens), and a rating or
+    time that is not a number is reported with its line.
+    """
+    path = require_file(path)
+    names = list(RATING_DTYPES)
+    try:
+        if sep == "::":  # "1::1193::5::978300760": read as ':'-separated, every other field is empty
+            frame = pd.read_csv(path, sep=":", header=None, usecols=[0, 2, 4, 6], names=["user", "a", "movie", "b",
+                                "rating", "c", "timestamp"], dtype=RATING_DTYPES, engine="c")
+        elif header:  # by the header's names, so that another column order is read right too
+            frame = pd.read_csv(path, sep=sep, usecols=["userId", "movieId", "rating", "timestamp"], engine="c",
+                                dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float64,
+                                       "timestamp": np.int64}).rename(columns={"userId": "user", "movieId": "movie"})
+        else:
+            frame = pd.read_csv(path, sep=sep, header=None, names=names, dtype=RATING_DTYPES, engine="c")
+        if len(frame):
+            return {c: frame[c].to_numpy() for c in names}
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        pass  # read as text below, which names the bad line and column
+    column_names = ["userId", "movieId", "rating", "timestamp"] if header else names
+    frame = _read(path, sep, column_names, header).rename(columns={"userId": "user", "movieId": "movie"})
+    numbers = _numbers(path, frame, ["rating", "timestamp"], 2 if header else 1)
+    return {"user": frame["user"].to_numpy(object), "movie": frame["movie"].to_numpy(object), **numbers}
+
+
 def read_ratings(path: Path):
     """(user, movie, rating, timestamp) arrays and the movie -> first genre map of a MovieLens folder."""
     if (path / "u.data").is_file():
-        ratings_path, line0 = path / "u.data", 1
-        ratings = _read(ratings_path, "\t", ["user", "movie", "rating", "timestamp"], False)
+        ratings = _read_ratings(path / "u.data", "\t", False)
         items = _read(path / "u.item", "|", ["movie", "title", "release", "video", "url", *GENRES_100K], False,
                       encoding="latin-1")
         flags = items[GENRES_100K].to_numpy()
@@ -78,21 +108,16 @@ def read_ratings(path: Path):
         first = np.where((flags == "1").any(1), (flags == "1").argmax(1), 0)
         genre = dict(zip(items["movie"], np.array(GENRES_100K, dtype=object)[first]))
     elif (path / "ratings.dat").is_file():
-        ratings_path, line0 = path / "ratings.dat", 1
-        ratings = _read(ratings_path, "::", ["user", "movie", "rating", "timestamp"], False)
+        ratings = _read_ratings(path / "ratings.dat", "::", False)
         movies = _read(path / "movies.dat", "::", ["movie", "title", "genres"], False, encoding="latin-1")
         genre = dict(zip(movies["movie"], movies["genres"].str.split("|").str[0]))
     elif (path / "ratings.csv").is_file():
-        ratings_path, line0 = path / "ratings.csv", 2
-        ratings = _read(ratings_path, ",", ["userId", "movieId", "rating", "timestamp"], True)
-        ratings = ratings.rename(columns={"userId": "user", "movieId": "movie"})
+        ratings = _read_ratings(path / "ratings.csv", ",", True)
         movies = _read(path / "movies.csv", ",", ["movieId", "title", "genres"], True)
         genre = dict(zip(movies["movieId"], movies["genres"].str.split("|").str[0]))
     else:
         raise FileNotFoundError(f"{path}: expected a MovieLens folder with u.data, ratings.dat or ratings.csv")
-    numbers = _numbers(ratings_path, ratings, ["rating", "timestamp"], line0)
-    return ratings["user"].to_numpy(object), ratings["movie"].to_numpy(object), numbers["rating"], \
-        numbers["timestamp"].astype(np.int64), genre
+    return ratings["user"], ratings["movie"], ratings["rating"], ratings["timestamp"].astype(np.int64), genre
 
 
 def rating_rows(users, items, categories, labels, times, vocabulary: Optional[Vocabulary], history: str,
@@ -124,7 +149,8 @@ def load(path: Union[str, Path], vocabulary: Optional[Vocabulary] = None, seed: 
          test_fraction: float = TEST_FRACTION, history: str = "positive", threshold: float = 4.0, **_) -> LoadedData:
     path = Path(path)
     users, items, ratings, times, genre = read_ratings(path)
-    categories = np.array([genre.get(m, "unknown") for m in items.tolist()], dtype=object)
+    movies, inverse = np.unique(items, return_inverse=True)  # the genre per distinct movie, not per rating
+    categories = np.array([genre.get(str(m), "unknown") for m in movies.tolist()], dtype=object)[inverse.reshape(-1)]
     labels = (ratings >= threshold).astype(np.float32)
     return rating_rows(users, items, categories, labels, times, vocabulary, history, max_len, test_fraction, seed,
                        "movielens", {"threshold": threshold})
