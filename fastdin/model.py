@@ -166,8 +166,10 @@ class DIN(nn.Module):
             raise TypeError(f"batch[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"batch[{name!r}] holds ids and must be an integer tensor, got {t.dtype}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"batch[{name!r}] must have shape {what} = {list(shape)}, got {list(t.shape)}")
+        # None in shape: any size there
+        if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+            expected = "" if None in shape else f" = {list(shape)}"
+            raise ValueError(f"batch[{name!r}] must have shape {what}{expected}, got {list(t.shape)}")
 
     def _check_batch(self, batch: Mapping[str, Tensor]):
         """Shapes, dtypes and (while value checks are on) id ranges of a batch; returns (B, T)."""
@@ -180,10 +182,10 @@ class DIN(nn.Module):
                                      f"{[n for q, c in pairs for n in (c.name, q.name)]} and lengths, mask or padding id 0")
         first_cand, first_seq = pairs[0][1].name, pairs[0][0].name
         lead = batch[first_cand]
-        self._check_ids(first_cand, lead, (lead.shape[0],) if getattr(lead, "dim", lambda: 0)() else (-1,), "[B]")
+        self._check_ids(first_cand, lead, (None,), "[B]")
         b = lead.shape[0]
         hist = batch[first_seq]
-        self._check_ids(first_seq, hist, (b, hist.shape[-1]) if hist.dim() == 2 else (b, -1), f"[B, T] with B = {b}")
+        self._check_ids(first_seq, hist, (b, None), f"[B, T] with B = {b}")
         t = hist.shape[1]
         checked = []  # (name, ids, vocab size) for the range check
         for seq, cand in pairs:
@@ -198,7 +200,7 @@ class DIN(nn.Module):
             if f.name not in batch:
                 raise ValueError(f"batch is missing the multi-hot field {f.name!r} [B, K]")
             ids = batch[f.name]
-            self._check_ids(f.name, ids, (b, ids.shape[-1]) if ids.dim() == 2 else (b, -1), f"[B, K] with B = {b}")
+            self._check_ids(f.name, ids, (b, None), f"[B, K] with B = {b}")
             checked.append((f.name, ids, f.vocab_size))
         for f in s.dense:
             if f.name not in batch:

@@ -66,6 +66,8 @@ BATCH_CASES = {
     "category of shape [B, 1]": (_with(category=torch.tensor([[1], [2], [1]])), ValueError,
                                  "batch['category'] must have shape [B] = [3]"),
     "item a list": (_with(item=[1, 2, 3]), TypeError, "batch['item'] must be a torch.Tensor"),
+    "history a list": (_with(hist_items=[[1, 2, 0]] * 3), TypeError, "batch['hist_items'] must be a torch.Tensor"),
+    "item 0-d": (_with(item=torch.tensor(1)), ValueError, "batch['item'] must have shape [B], got []"),
     "left-padded history read as right-padded": (
         _with(hist_items=torch.tensor([[0, 1, 2], [0, 0, 3], [4, 5, 6]]),
               hist_categories=torch.tensor([[0, 1, 1], [0, 0, 2], [1, 2, 2]])), ValueError, "looks left-padded"),
