@@ -19,6 +19,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The `fastdin train` flags for data files."""
     g = p.add_argument_group("data files (see fastdin.data for each format's files and protocol)")
@@ -28,10 +35,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schema", type=Path, metavar="FILE", help="for --data csv: the column map (JSON or YAML)")
     g.add_argument("--valid-fraction", type=_fraction, default=0.1,
                    help="share of the training users held out for validation (unless the files bring valid rows)")
-    g.add_argument("--patience", type=int, metavar="N",
-                   help="stop after N epochs without a better validation AUC (default: run every epoch)")
-    g.add_argument("--max-len", type=int, metavar="T", help="keep the last T behaviours of each history "
-                   "(default: the format's own: 100, taobao 200, amazon all)")
+    g.add_argument("--patience", type=_positive, metavar="N",
+                   help="stop after N epochs without a better validation AUC (None: run every epoch)")
+    g.add_argument("--max-len", type=_positive, metavar="T", help="keep the last T behaviours of each history "
+                   "(None: the format's own, 100; taobao 200; amazon all)")
     g.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a checkpoint written by --save")
 
 
@@ -86,15 +93,17 @@ def _add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", type=Path, metavar="FILE", help="for --data csv: the column map (default: the training one)")
     p.add_argument("--split", choices=("test", "train", "valid", "all"), default="test",
                    help="which rows of the format's protocol (a single csv file has only 'all')")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=_positive, default=4096)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch")
 
 
 def _loaded(args):
     from fastdin.workflow import checkpoint_data
 
     torch.set_num_threads(args.threads)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine (try --device cpu)")
     model, loaded = checkpoint_data(args.checkpoint, args.path, args.data, args.schema)
     split = args.split
     if split == "test" and loaded.test is None:
