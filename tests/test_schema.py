@@ -193,3 +193,15 @@ def test_schema_model_compiles_fullgraph(positions):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(batch), model(batch))
+
+
+def test_shorthand_padding_option_round_trips():
+    model = DIN(13, 5, embed_dim=4, padding="left", attention_hidden=(4,), mlp_hidden=(4,))
+    assert model.schema.padding == "left" and DIN(**model.config()).schema.padding == "left"
+    batch = {"item": torch.tensor([1, 2]), "category": torch.tensor([1, 2]), "lengths": torch.tensor([1, 2]),
+             "hist_items": torch.tensor([[0, 3], [4, 5]]), "hist_categories": torch.tensor([[0, 1], [2, 3]])}
+    right = DIN(13, 5, embed_dim=4, attention_hidden=(4,), mlp_hidden=(4,)).eval()
+    right.load_state_dict(model.state_dict())
+    flipped = {**batch, "hist_items": torch.tensor([[3, 0], [4, 5]]), "hist_categories": torch.tensor([[1, 0], [2, 3]])}
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch), right(flipped))
