@@ -5,10 +5,12 @@ from fastdin.layers import MLP, AttentionPooling, Dice
 from fastdin.model import DIN
 from fastdin.reference import DiceParams
 from fastdin.regularization import FullL2Regularizer, MBARegularizer, count_frequencies
+from fastdin.schema import FeatureSchema
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionPooling", "Dice", "DiceParams", "DIN", "FullL2Regularizer", "MBARegularizer", "MLP",
+    "AttentionPooling", "Dice", "DiceParams", "DIN", "FeatureSchema", "FullL2Regularizer", "MBARegularizer",
+    "MLP",
     "attention_pool", "count_frequencies", "dice", "functional", "reference", "set_value_checks",
 ]
