@@ -9,41 +9,13 @@ import fastdin
 from patch_checks import assert_patch_keeps_numbers, assert_unpatch_restores, rel_err
 
 pytest.importorskip("deepctr_torch", reason="deepctr-torch is not installed (tests/requirements-peers.txt)")
-from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat  # noqa: E402
-from deepctr_torch.models import DIN  # noqa: E402
+from fastdin.bench.peer_models import deepctr_din, deepctr_input  # noqa: E402
 
 T = 6
 
 
-def din_data(batch=8, seed=0):
-    """DeepCTR-Torch's DIN example (examples/run_din.py) features, with lengths 0, 1 and T present."""
-    rng = np.random.default_rng(seed)
-    columns = [SparseFeat("user", 5, embedding_dim=4), SparseFeat("item_id", 9, embedding_dim=4),
-               SparseFeat("cate_id", 5, embedding_dim=3), DenseFeat("pay_score", 1),
-               VarLenSparseFeat(SparseFeat("hist_item_id", 9, embedding_dim=4, embedding_name="item_id"), T,
-                                length_name="seq_length"),
-               VarLenSparseFeat(SparseFeat("hist_cate_id", 5, embedding_dim=3, embedding_name="cate_id"), T,
-                                length_name="seq_length")]
-    lengths = np.resize(np.array([0, 1, T, 3]), batch)
-    positions = np.arange(T)[None, :] < lengths[:, None]
-    x = {"user": rng.integers(1, 5, batch), "item_id": rng.integers(1, 9, batch), "cate_id": rng.integers(1, 5, batch),
-         "pay_score": rng.random(batch), "hist_item_id": rng.integers(1, 9, (batch, T)) * positions,
-         "hist_cate_id": rng.integers(1, 5, (batch, T)) * positions, "seq_length": lengths}
-    y = rng.integers(0, 2, batch).astype(np.float64)
-    return columns, x, y
-
-
-def as_tensor(model, x):
-    """The input tensor DeepCTR-Torch's fit/predict build from the feature dict."""
-    arrays = [np.asarray(x[name]).reshape(len(x["user"]), -1) for name in model.feature_index]
-    return torch.from_numpy(np.concatenate(arrays, axis=-1))
-
-
-def build(att_activation="Dice", weight_normalization=False, **kwargs):
-    columns, x, y = din_data()
-    model = DIN(columns, ["item_id", "cate_id"], att_activation=att_activation, att_hidden_size=(8, 4),
-                dnn_hidden_units=(8,), att_weight_normalization=weight_normalization, init_std=0.5, **kwargs)
-    return model, x, y
+def build(att_activation="Dice", weight_normalization=False):
+    return deepctr_din(seq_len=T, att_activation=att_activation, weight_normalization=weight_normalization)
 
 
 @pytest.mark.parametrize("weight_normalization", [False, True])
@@ -51,7 +23,7 @@ def build(att_activation="Dice", weight_normalization=False, **kwargs):
 def test_din_same_predictions_and_gradients(att_activation, weight_normalization):
     model, x, _ = build(att_activation, weight_normalization)
     model = model.double()
-    X = as_tensor(model, x).double()
+    X = deepctr_input(model, x).double()
     patched, replaced = assert_patch_keeps_numbers(model, lambda m: m(X))
     assert [r.path for r in replaced] == ["attention"]
     assert_unpatch_restores(patched, replaced)
@@ -107,7 +79,7 @@ def test_training_with_deepctr_fit_gives_the_same_losses():
         m.compile("adam", "binary_crossentropy")
         histories.append(m.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=True).history["loss"])
     np.testing.assert_allclose(histories[1], histories[0], rtol=1e-5)
-    X = as_tensor(model, x).float()
+    X = deepctr_input(model, x).float()
     model.eval(), patched.eval()
     assert rel_err(patched(X), model(X)) < 1e-5
 
@@ -116,5 +88,5 @@ def test_training_with_deepctr_fit_gives_the_same_losses():
 def test_triton_backend_within_fp32_policy(att_activation):
     pytest.importorskip("triton")
     model, x, _ = build(att_activation, True)
-    X = as_tensor(model, x).float()
+    X = deepctr_input(model, x).float()
     assert_patch_keeps_numbers(model, lambda m: m(X), tol=1e-5, backend="triton", modes=(False,))

@@ -1,8 +1,8 @@
 """fastdin.patch on FuxiCTR 2.3.10's DIN target attention and Dice.
 
 FuxiCTR's DIN model class lives in its GitHub model_zoo, not in the PyPI package, so the model here
-is assembled from the package's own parts the way that DIN is: DIN_Attention over the history,
-then an MLP_Block with Dice, trained with FuxiCTR's get_optimizer / get_loss.
+is assembled from the package's own parts the way that DIN is (fastdin.bench.peer_models.FuxiDIN),
+trained with FuxiCTR's get_optimizer / get_loss.
 """
 import copy
 
@@ -14,38 +14,18 @@ import fastdin
 from patch_checks import assert_patch_keeps_numbers, assert_unpatch_restores, rel_err
 
 pytest.importorskip("fuxictr", reason="fuxictr is not installed (tests/requirements-peers.txt)")
-from fuxictr.pytorch.layers import MLP_Block  # noqa: E402
 from fuxictr.pytorch.layers.attentions import DIN_Attention  # noqa: E402
 from fuxictr.pytorch.torch_utils import get_loss, get_optimizer  # noqa: E402
 
-T, E, ITEMS = 6, 5, 11
+from fastdin.bench.peer_models import FuxiDIN, fuxictr_batch as batch  # noqa: E402
 
-
-class FuxiDIN(nn.Module):
-    def __init__(self, attention_activation="Dice", use_softmax=False):
-        super().__init__()
-        self.embedding = nn.Embedding(ITEMS, E, padding_idx=0)
-        self.attention = DIN_Attention(E, attention_units=[8, 4], hidden_activations=attention_activation,
-                                       use_softmax=use_softmax)
-        self.dnn = MLP_Block(2 * E, hidden_units=[8], hidden_activations="Dice", output_dim=1)
-
-    def forward(self, target, history):
-        target_emb, history_emb = self.embedding(target), self.embedding(history)
-        pooled = self.attention(target_emb, history_emb, mask=(history != 0).float())
-        return torch.sigmoid(self.dnn(torch.cat([target_emb, pooled], dim=-1))).squeeze(-1)
-
-
-def batch(size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([0, 1, T, 3]).repeat(size // 4)
-    history = torch.randint(1, ITEMS, (size, T), generator=g) * (torch.arange(T) < lengths[:, None])
-    return torch.randint(1, ITEMS, (size,), generator=g), history, torch.randint(0, 2, (size,), generator=g).double()
+T, E = 6, 5
 
 
 @pytest.mark.parametrize("use_softmax", [False, True])
 @pytest.mark.parametrize("activation", ["ReLU", "Sigmoid", "PReLU", "Dice"])
 def test_din_same_predictions_and_gradients(activation, use_softmax):
-    model = FuxiDIN(activation.lower() if activation == "PReLU" else activation, use_softmax).double()
+    model = FuxiDIN(attention_activation=activation.lower() if activation == "PReLU" else activation, use_softmax=use_softmax).double()
     target, history, _ = batch()
     patched, replaced = assert_patch_keeps_numbers(model, lambda m: m(target, history))
     assert {r.path for r in replaced} >= {"attention", "dnn.mlp.1"}  # the attention and the DNN's Dice
@@ -65,7 +45,7 @@ def test_exact_false_and_unsupported():
 
 
 def test_training_with_fuxictr_optimizer_gives_the_same_losses():
-    model = FuxiDIN("Dice", use_softmax=True).double()  # float64: Adam would magnify fp32 round-off
+    model = FuxiDIN(attention_activation="Dice", use_softmax=True).double()  # float64: Adam would magnify fp32 round-off
     patched = copy.deepcopy(model)
     fastdin.patch(patched, backend="reference")
     losses = []
@@ -88,6 +68,6 @@ def test_training_with_fuxictr_optimizer_gives_the_same_losses():
 
 def test_triton_backend_within_fp32_policy():
     pytest.importorskip("triton")
-    target, history, _ = batch(4)
-    assert_patch_keeps_numbers(FuxiDIN("Dice", True), lambda m: m(target, history), tol=1e-5, backend="triton",
+    target, history, _ = batch(4, T)
+    assert_patch_keeps_numbers(FuxiDIN(attention_activation="Dice", use_softmax=True), lambda m: m(target, history), tol=1e-5, backend="triton",
                                modes=(False,))

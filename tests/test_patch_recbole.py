@@ -2,9 +2,7 @@
 on the ml-100k data RecBole ships (a short history and small sizes, to keep the test quick)."""
 import copy
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,12 +11,9 @@ import fastdin
 from patch_checks import assert_patch_keeps_numbers, assert_unpatch_restores, rel_err
 
 recbole = pytest.importorskip("recbole", reason="recbole is not installed (tests/requirements-peers.txt)")
-# RecBole 1.2.1's Config aliases NumPy 1 names that NumPy 2 removed; give it the NumPy 2 spellings
-for _old, _new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
-    if not hasattr(np, _old):
-        setattr(np, _old, _new)
-from recbole.config import Config  # noqa: E402
-from recbole.data import create_dataset, data_preparation  # noqa: E402
+from fastdin.bench.peer_models import recbole_ml100k, recbole_numpy2_aliases  # noqa: E402
+
+recbole_numpy2_aliases()
 from recbole.model.layers import SequenceAttLayer  # noqa: E402
 from recbole.model.sequential_recommender import DIN  # noqa: E402
 
@@ -27,23 +22,7 @@ T = 6
 
 @pytest.fixture(scope="module")
 def ml100k(tmp_path_factory):
-    settings = {
-        "data_path": os.path.join(os.path.dirname(recbole.__file__), "dataset_example"),
-        "checkpoint_dir": str(tmp_path_factory.mktemp("checkpoints")), "MAX_ITEM_LIST_LENGTH": T,
-        "embedding_size": 4, "mlp_hidden_size": [8, 8], "train_batch_size": 16, "device": "cpu", "use_gpu": False,
-        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}, "threshold": {"rating": 4},
-        "train_neg_sample_args": None, "metrics": ["AUC"], "valid_metric": "AUC", "show_progress": False,
-        "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": "user", "mode": "labeled"},
-        "seed": 0, "reproducibility": True,
-    }
-    config = Config(model="DIN", dataset="ml-100k", config_dict=settings)
-    train, _, _ = data_preparation(config, create_dataset(config))
-    batches = []
-    for inter in train:
-        batches.append(inter)
-        if len(batches) == 3:
-            break
-    return config, train.dataset, batches
+    return recbole_ml100k(str(tmp_path_factory.mktemp("checkpoints")), seq_len=T)
 
 
 def test_din_same_predictions_and_gradients(ml100k):

@@ -10,28 +10,13 @@ import fastdin
 from patch_checks import assert_patch_keeps_numbers, assert_unpatch_restores, rel_err
 
 pytest.importorskip("torch_rechub", reason="torch-rechub is not installed (tests/requirements-peers.txt)")
-from torch_rechub.basic.features import SequenceFeature, SparseFeature  # noqa: E402
-from torch_rechub.models.ranking import DIN  # noqa: E402
 from torch_rechub.trainers import CTRTrainer  # noqa: E402
 
-T, E, ITEMS = 6, 4, 11
+from fastdin.bench.peer_models import rechub_batch as batch, rechub_din  # noqa: E402
 
 
 def build(activation="prelu", use_softmax=False):
-    features = [SparseFeature("user", 7, embed_dim=E)]
-    target = [SparseFeature("target_item", ITEMS, embed_dim=E)]
-    history = [SequenceFeature("hist_item", ITEMS, embed_dim=E, pooling="concat", shared_with="target_item")]
-    return DIN(features, history, target, mlp_params={"dims": [8]},
-               attention_mlp_params={"dims": [8, 4], "activation": activation, "use_softmax": use_softmax})
-
-
-def batch(size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([0, 1, T, 3]).repeat(size // 4)  # torch-rechub has no mask: padding (id 0) is scored
-    history = torch.randint(1, ITEMS, (size, T), generator=g) * (torch.arange(T) < lengths[:, None])
-    x = {"user": torch.randint(0, 7, (size,), generator=g), "target_item": torch.randint(1, ITEMS, (size,), generator=g),
-         "hist_item": history}
-    return x, torch.randint(0, 2, (size,), generator=g).double()
+    return rechub_din(activation=activation, use_softmax=use_softmax)
 
 
 @pytest.mark.parametrize("use_softmax", [False, True])
