@@ -63,9 +63,15 @@ class PeerDice(Dice):
         return functional.dice(x, p.alpha, p.running_mean, p.running_var, weight=p.weight, bias=p.bias,
                                training=self.training, momentum=p.momentum, eps=p.eps, mask=mask, backend=self.backend)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        # the state lives under bn.*, as in the peer: no renaming (fastdin's Dice renames bn.* to its own)
-        nn.Module._load_from_state_dict(self, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the state lives under bn.*, as in the peer; a fastdin Dice's state (running_mean, ..., alpha [H])
+        # loads too, so fastdin weights can be put into a peer model through its patched view
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            if prefix + name in state_dict:
+                state_dict[prefix + "bn." + name] = state_dict.pop(prefix + name)
+        if prefix + "alpha" in state_dict:
+            state_dict[prefix + "alpha"] = state_dict[prefix + "alpha"].reshape(self.alpha.shape)
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
 
 def activation_name(activations: Sequence[nn.Module], peer_dice: tuple = ()) -> str:
