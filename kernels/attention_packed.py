@@ -256,6 +256,22 @@ def _act_bwd(x, dh, act, ACT: tl.constexpr):
 
 
 @triton.jit
+def _act_bwd_saved(kept, dh, act, ACT: tl.constexpr):
+    """`_act_bwd` from what the forward kept (`_saved`)."""
+    if ACT == 0:
+        h = kept.to(tl.float32)
+        dx = dh * h * (1.0 - h)
+        da = tl.sum(tl.zeros_like(dh), axis=0)
+        result = dx, (da, da, da)
+    elif ACT == 1:
+        da = tl.sum(tl.zeros_like(dh), axis=0)
+        result = tl.where(kept > 0, dh, 0.0), (da, da, da)
+    else:
+        result = _act_bwd(kept.to(tl.float32), dh, act, ACT)
+    return result
+
+
+@triton.jit
 def _dot(a, b, acc, DT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b with operands in the compute dtype DT, accumulated in fp32."""
     if DT == tl.float32:
@@ -295,22 +311,44 @@ def _load_mlp(W, BIAS, ACTP, SLOPE_STRIDE, HID, D, eps, BLOCK_D: tl.constexpr, B
 
 
 @triton.jit
-def _deep_fwd(x_below, h_below, w, bias, act, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
+def _saved(x, h, DT: tl.constexpr, ACT: tl.constexpr):
+    """What the backward keeps of a layer, in the compute dtype (as autograd saves it in the inputs'
+    dtype): the activation for sigmoid and ReLU, the pre-activation for PReLU and Dice."""
+    if ACT <= 1:
+        kept = h.to(DT)
+    else:
+        kept = x.to(DT)
+    return kept
+
+
+@triton.jit
+def _activation_of_saved(kept, act, ACT: tl.constexpr):
+    if ACT <= 1:
+        h = kept.to(tl.float32)
+    else:
+        h = _act_fwd(kept.to(tl.float32), act, ACT)
+    return h
+
+
+@triton.jit
+def _deep_fwd(kept_below, h_below, w, bias, act, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
               ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """Hidden layer LAYER >= 2 (pre-activation, activation); an absent layer passes the one below on."""
-    x, h = x_below, h_below
+    """Hidden layer LAYER >= 2: (what the backward keeps, activation); an absent layer passes the one
+    below on."""
+    kept, h = kept_below, h_below
     if NUM_LAYERS >= LAYER:
         acc = tl.zeros([h_below.shape[0], w.shape[0]], tl.float32)
         x = _dot(h_below, tl.trans(w), acc, DT, PRECISION) + bias[None, :]
         h = _act_fwd(x, act, ACT)
-    return x, h
+        kept = _saved(x, h, DT, ACT)
+    return kept, h
 
 
 @triton.jit
 def _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr,
              DT: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of a tile of rows, and every layer's (pre-activation, activation); the 4th pair is the
-    last hidden layer's whatever NUM_LAYERS is."""
+    """Scores of a tile of rows, what the backward keeps of every hidden layer (`_saved`; layers past
+    NUM_LAYERS repeat the last one), and the last hidden activation."""
     Ak, Ap, Aq = A
     acc = tl.zeros([k.shape[0], Ak.shape[0]], tl.float32)
     acc = _dot(k, tl.trans(Ak), acc, DT, PRECISION)
@@ -318,11 +356,12 @@ def _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS: tl.constexpr, ACT: t
     acc = _dot(q, tl.trans(Aq), acc, DT, PRECISION)
     x1 = acc + BS[0][None, :]
     h1 = _act_fwd(x1, ACTS[0], ACT)
-    x2, h2 = _deep_fwd(x1, h1, WD[0], BS[1], ACTS[1], 2, NUM_LAYERS, ACT, DT, PRECISION)
-    x3, h3 = _deep_fwd(x2, h2, WD[1], BS[2], ACTS[2], 3, NUM_LAYERS, ACT, DT, PRECISION)
-    x4, h4 = _deep_fwd(x3, h3, WD[2], BS[3], ACTS[3], 4, NUM_LAYERS, ACT, DT, PRECISION)
+    kept1 = _saved(x1, h1, DT, ACT)
+    kept2, h2 = _deep_fwd(kept1, h1, WD[0], BS[1], ACTS[1], 2, NUM_LAYERS, ACT, DT, PRECISION)
+    kept3, h3 = _deep_fwd(kept2, h2, WD[1], BS[2], ACTS[2], 3, NUM_LAYERS, ACT, DT, PRECISION)
+    kept4, h4 = _deep_fwd(kept3, h3, WD[2], BS[3], ACTS[3], 4, NUM_LAYERS, ACT, DT, PRECISION)
     s = tl.sum(h4 * wo[None, :], axis=1) + bo
-    return s, (x1, h1), (x2, h2), (x3, h3), (x4, h4)
+    return s, (kept1, kept2, kept3, kept4), h4
 
 
 @triton.jit
@@ -379,7 +418,7 @@ def _packed_fwd_kernel(
         rows, live, user, t, ok, k, q, qk, starts, ends = _load_tile(
             r0, row_end, u_begin, u_end, offs_ptr, len_ptr, pos_ptr, q_ptr, k_ptr, B, T, NV, n_iter,
             stride_qb, stride_kb, stride_kt, BLOCK_M, BLOCK_D, D, JAGGED, POS_MAP, DT)
-        s, _l1, _l2, _l3, _l4 = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
+        s, _kept, _h = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
         carried = live & (user == carry_user)
         kf = k.to(tl.float32)
         last = tl.minimum(r0 + BLOCK_M, row_end) - 1  # the tile's last live row
@@ -470,15 +509,13 @@ def _store_padding_zeros(ptr, width, stride_b, stride_t, u_begin, u_end, row_end
 
 
 @triton.jit
-def _deep_bwd(dh, x, x_below, w, act, act_below, grads, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
+def _deep_bwd(dh, kept, kept_below, w, act, act_below, grads, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
               ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """Hidden layer LAYER >= 2: dL/dh_l into dL/dh_l-1, adding to grads = (dW [H_l, H_l-1], db, dact).
-    The activation below is recomputed from its pre-activation here rather than kept from the
-    forward: one [BLOCK_M, H] tile fewer held across the backward (registers, not spills)."""
+    """Hidden layer LAYER >= 2: dL/dh_l into dL/dh_l-1, adding to grads = (dW [H_l, H_l-1], db, dact)."""
     dw, db, dact = grads
     if NUM_LAYERS >= LAYER:
-        G, tile_dact = _act_bwd(x, dh, act, ACT)
-        h_below = _act_fwd(x_below, act_below, ACT)
+        G, tile_dact = _act_bwd_saved(kept, dh, act, ACT)
+        h_below = _activation_of_saved(kept_below, act_below, ACT)
         dw = _dot(tl.trans(G), h_below, dw, DT, PRECISION)
         db += tl.sum(G, axis=0)
         dact = (dact[0] + tile_dact[0], dact[1] + tile_dact[1], dact[2] + tile_dact[2])
@@ -604,7 +641,7 @@ def _packed_bwd_kernel(
         rows, live, user, t, ok, k, q, qk, starts, ends = _load_tile(
             r0, row_end, u_begin, u_end, offs_ptr, len_ptr, pos_ptr, q_ptr, k_ptr, B, T, NV, n_iter,
             stride_qb, stride_kb, stride_kt, BLOCK_M, BLOCK_D, D, JAGGED, POS_MAP, DT)
-        s, l1, l2, l3, l4 = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
+        s, kept, h_top = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
         kf = k.to(tl.float32)
         g = tl.load(go_ptr + user[:, None] * stride_gb + offs_d[None, :] * stride_gd, mask=ok, other=0.0)
         g = g.to(tl.float32)
@@ -621,17 +658,14 @@ def _packed_bwd_kernel(
         else:
             w = tl.where(live, s, 0.0)
             ds = tl.where(live, dw, 0.0)
-        x4, h4 = l4
-        dwo += tl.sum(ds[:, None] * h4, axis=0)
+        dwo += tl.sum(ds[:, None] * h_top, axis=0)
         dbo += tl.sum(ds, axis=0)
         dh = ds[:, None] * wo[None, :]
-        x3 = l3[0]
-        x2 = l2[0]
-        x1 = l1[0]
-        dh, grads4 = _deep_bwd(dh, x4, x3, WD[2], ACTS[3], ACTS[2], grads4, 4, NUM_LAYERS, ACT, DT, PRECISION)
-        dh, grads3 = _deep_bwd(dh, x3, x2, WD[1], ACTS[2], ACTS[1], grads3, 3, NUM_LAYERS, ACT, DT, PRECISION)
-        dh, grads2 = _deep_bwd(dh, x2, x1, WD[0], ACTS[1], ACTS[0], grads2, 2, NUM_LAYERS, ACT, DT, PRECISION)
-        G1, tile_dact = _act_bwd(x1, dh, ACTS[0], ACT)
+        kept1, kept2, kept3, kept4 = kept
+        dh, grads4 = _deep_bwd(dh, kept4, kept3, WD[2], ACTS[3], ACTS[2], grads4, 4, NUM_LAYERS, ACT, DT, PRECISION)
+        dh, grads3 = _deep_bwd(dh, kept3, kept2, WD[1], ACTS[2], ACTS[1], grads3, 3, NUM_LAYERS, ACT, DT, PRECISION)
+        dh, grads2 = _deep_bwd(dh, kept2, kept1, WD[0], ACTS[1], ACTS[0], grads2, 2, NUM_LAYERS, ACT, DT, PRECISION)
+        G1, tile_dact = _act_bwd_saved(kept1, dh, ACTS[0], ACT)
         dact1 = (dact1[0] + tile_dact[0], dact1[1] + tile_dact[1], dact1[2] + tile_dact[2])
         G1t = tl.trans(G1)
         S_k = _dot(G1t, k, S_k, DT, PRECISION)
