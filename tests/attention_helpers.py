@@ -10,7 +10,7 @@ import torch
 from fastdin.layers import AttentionPooling
 
 # Relative error vs the float64 reference: at most twice the error of the reference run in the same
-# dtype, plus a small floor per dtype (design.md's numerics policy, flash-attention's rule).
+# dtype, plus a small floor per dtype (docs/design.md's numerics policy, flash-attention's rule).
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # bf16 arithmetic is wrong in the interpreter: CUDA only
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
