@@ -18,7 +18,7 @@ Work split (no atomics, no second pass over users): every program scans the leng
 N, once for the offsets; cheap next to the keys) and owns the users whose first row falls in its
 share [p * ceil(N / P), (p + 1) * ceil(N / P)) of the rows. It walks its users' rows in tiles of
 BLOCK_M consecutive rows across users. A user cut by a tile boundary is carried in registers to the
-next tile (a segmented scan inside the tile plus the carry, in row order), so each user is finished
+next tile (a segmented sum inside the tile plus the carry, in row order), so each user is finished
 by its owner in a fixed order: deterministic, and the host never needs N (no .item() sync; the
 grid is fixed). Per program work is its share plus at most one user's length.
 
@@ -145,17 +145,20 @@ def _position(user, j, live, T, NV, len_ptr, pos_ptr, JAGGED: tl.constexpr, POS_
 
 
 @triton.jit
-def _seg_add(flag_a, value_a, flag_b, value_b):
-    """Segmented sum: a segment restarts where the flag is set."""
-    return flag_a | flag_b, tl.where(flag_b != 0, value_b, value_a + value_b)
-
-
-@triton.jit
-def _segment_prefix(values, starts):
-    """Running sums of the rows of `values` [M, X] within segments (a segment starts at `starts`)."""
-    flags = starts.to(tl.int32)[:, None] + tl.zeros(values.shape, tl.int32)
-    _, sums = tl.associative_scan((flags, values), 0, _seg_add)
-    return sums
+def _segment_totals(same, values, DT: tl.constexpr):
+    """For each row, the sum of `values` [M, X] over the rows of its user in this tile (`same` [M, M]:
+    row r and live row r' belong to one user). A product with the 0/1 matrix: tensor cores for 16-bit
+    compute dtypes, with values split into a high and a low part so the sums keep about 16 bits more
+    than the dtype (far below its own rounding); exact fp32 products (ieee) for fp32. A scan would do
+    the same work, but Triton's interpreter runs a custom scan element by element in Python."""
+    if DT == tl.float32:
+        totals = tl.dot(same.to(tl.float32), values, input_precision="ieee")
+    else:
+        high = values.to(DT)
+        low = (values - high.to(tl.float32)).to(DT)
+        ones = same.to(DT)
+        totals = tl.dot(ones, low, tl.dot(ones, high))
+    return totals
 
 
 @triton.jit
@@ -380,9 +383,8 @@ def _load_tile(r0, row_end, u_begin, u_end, offs_ptr, len_ptr, pos_ptr, q_ptr, k
     k = tl.load(k_ptr + user[:, None] * stride_kb + t[:, None] * stride_kt + offs_d[None, :], mask=ok, other=0.0)
     q = tl.load(q_ptr + user[:, None] * stride_qb + offs_d[None, :], mask=ok, other=0.0)
     qk = (q.to(tl.float32) * k.to(tl.float32)).to(DT)
-    starts = (j == 0) | (rows == r0)  # segments of the tile: one per user
     ends = live & (j == n - 1)  # the user's last row
-    return rows, live, user, t, ok, k, q, qk, starts, ends
+    return rows, live, user, t, ok, k, q, qk, ends
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,23 +417,23 @@ def _packed_fwd_kernel(
     carry_l = carry_m * 0.0
     carry_acc = tl.zeros([BLOCK_D], tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_M):
-        rows, live, user, t, ok, k, q, qk, starts, ends = _load_tile(
+        rows, live, user, t, ok, k, q, qk, ends = _load_tile(
             r0, row_end, u_begin, u_end, offs_ptr, len_ptr, pos_ptr, q_ptr, k_ptr, B, T, NV, n_iter,
             stride_qb, stride_kb, stride_kt, BLOCK_M, BLOCK_D, D, JAGGED, POS_MAP, DT)
         s, _kept, _h = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
         carried = live & (user == carry_user)
         kf = k.to(tl.float32)
         last = tl.minimum(r0 + BLOCK_M, row_end) - 1  # the tile's last live row
+        same = (user[:, None] == user[None, :]) & live[None, :]
         if SOFTMAX:
             s = tl.where(live, s, NEG)
-            same = (user[:, None] == user[None, :]) & live[None, :]
             m = tl.max(tl.where(same, s[None, :], NEG), axis=1)  # per segment
             m = tl.where(carried, tl.maximum(m, carry_m), m)
             p = tl.where(live, tl.exp(s - m), 0.0)
             scale = tl.where(carried, tl.exp(carry_m - m), 0.0)
             l_sum = tl.sum(tl.where(same, p[None, :], 0.0), axis=1) + scale * carry_l
             l_sum = tl.where(live, l_sum, 1.0)  # > 0 on live rows; the rest are never stored
-            acc = _segment_prefix(p[:, None] * kf, starts) + scale[:, None] * carry_acc[None, :]
+            acc = _segment_totals(same, p[:, None] * kf, DT) + scale[:, None] * carry_acc[None, :]
             out = acc / l_sum[:, None]
             tl.store(lse_ptr + user, m + tl.log(l_sum), mask=ends)
             if STORE_SCORES:
@@ -441,7 +443,7 @@ def _packed_fwd_kernel(
             carry_acc = _row_pick(acc, rows, last)
         else:
             w = tl.where(live, s, 0.0)
-            out = _segment_prefix(w[:, None] * kf, starts) + tl.where(carried[:, None], carry_acc[None, :], 0.0)
+            out = _segment_totals(same, w[:, None] * kf, DT) + tl.where(carried[:, None], carry_acc[None, :], 0.0)
             if STORE_SCORES:
                 tl.store(scores_ptr + user * stride_sb + t * stride_st, w, mask=live)
             carry_acc = _row_pick(out, rows, last)
@@ -638,7 +640,7 @@ def _packed_bwd_kernel(
     carry_user = u_begin * 0 - 1
     carry_dq = tl.zeros([BLOCK_D], tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_M):
-        rows, live, user, t, ok, k, q, qk, starts, ends = _load_tile(
+        rows, live, user, t, ok, k, q, qk, ends = _load_tile(
             r0, row_end, u_begin, u_end, offs_ptr, len_ptr, pos_ptr, q_ptr, k_ptr, B, T, NV, n_iter,
             stride_qb, stride_kb, stride_kt, BLOCK_M, BLOCK_D, D, JAGGED, POS_MAP, DT)
         s, kept, h_top = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
@@ -680,7 +682,8 @@ def _packed_bwd_kernel(
         tl.store(dk_ptr + user[:, None] * stride_dkb + t[:, None] * stride_dkt + offs_d[None, :], dk, mask=ok)
         # dq_b = sum over the user's rows of G1 Aq + k * (G1 Ap): segmented, carried across tiles
         carried = live & (user == carry_user)
-        dq = _segment_prefix(dxq + kf * dxp, starts) + tl.where(carried[:, None], carry_dq[None, :], 0.0)
+        same = (user[:, None] == user[None, :]) & live[None, :]
+        dq = _segment_totals(same, dxq + kf * dxp, DT) + tl.where(carried[:, None], carry_dq[None, :], 0.0)
         tl.store(dq_ptr + user[:, None] * D + offs_d[None, :], dq, mask=ends[:, None] & dmask[None, :])
         last = tl.minimum(r0 + BLOCK_M, row_end) - 1
         carry_dq = _row_pick(dq, rows, last)

@@ -38,6 +38,10 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
     """None when the packed kernels cover this case (after fastdin.ops.attention's own gap), else why not."""
     if activation == "dice" and any(p.training for p in act_params):
         return "training-mode Dice (batch statistics) runs on the per-user kernels"
+    if keys.is_cuda and keys.dtype == torch.float32:
+        # sm_90 builds of the fp32 variants spill tens of KB per thread (ieee products run on FMAs;
+        # tf32x3 needs 400 KB of shared memory): the per-user kernels stay until that is fixed
+        return "float32 on CUDA runs on the per-user kernels"
     hidden = tuple(w.shape[0] for w in weights[:-1])
     limit = H200_SHARED_BYTES
     if keys.is_cuda:
