@@ -810,8 +810,8 @@ def _grad_layout(dim: int, hidden: tuple, activation: str, affine: bool, slope_s
 def _tuples(weights, biases, act_tensors, activation):
     """Kernel tuple arguments: weights, biases, per-layer activation parameters (5 pointers, unused
     ones repeat the layer's bias) and slope strides (0 for one shared slope)."""
-    weights = tuple(w if w.is_contiguous() else w.contiguous() for w in weights)
-    biases = tuple(b if b.is_contiguous() else b.contiguous() for b in biases)
+    weights = tuple([w if w.is_contiguous() else w.contiguous() for w in weights])
+    biases = tuple([b if b.is_contiguous() else b.contiguous() for b in biases])
     acts, slope_strides = [], []
     for layer, bias in enumerate(biases[:-1]):
         params = list(act_tensors[layer]) if act_tensors else []
@@ -858,11 +858,12 @@ def packed_attention_forward(
     dim = query.shape[1]
     out = _new((batch, dim), keys.dtype, device)
     score_shape = (n_values,) if rows.jagged else (batch, seq_len)
-    scores = _new(score_shape if return_scores else (0,), keys.dtype, device)
-    raw = _new(score_shape if return_scores and softmax else (0,), torch.float32, device)
-    lse = _new((batch,) if softmax else (0,), torch.float32, device)
+    # outputs a case does not use are None (no allocation on the hot path)
+    scores = _new(score_shape, keys.dtype, device) if return_scores else None
+    raw = _new(score_shape, torch.float32, device) if return_scores and softmax else None
+    lse = _new((batch,), torch.float32, device) if softmax else None
     if batch == 0:
-        return out, (scores if return_scores else None), (lse if softmax else None)
+        return out, scores, lse
     block = block_m or BLOCK_M
     programs = num_programs or _num_programs(device, n_values if rows.jagged else batch * seq_len, block, 2)
     offs = _new((batch,), torch.int64, device)
@@ -876,7 +877,7 @@ def packed_attention_forward(
         BLOCK_M=block, BLOCK_B=BLOCK_B, JAGGED=rows.jagged, POS_MAP=rows.positions is not None,
         SOFTMAX=softmax, STORE_SCORES=return_scores, num_warps=NUM_WARPS_FWD, num_stages=NUM_STAGES, **meta,
     )
-    return out, (scores if return_scores else None), (lse if softmax else None)
+    return out, scores, lse
 
 
 def packed_attention_backward(
@@ -909,7 +910,7 @@ def packed_attention_backward(
         parts = _new((programs, width), torch.float32, device)
         offs = _new((batch,), torch.int64, device)
         has_gs = grad_scores is not None
-        delta = _new((batch,) if softmax and has_gs else (0,), torch.float32, device)
+        delta = _new((batch,), torch.float32, device) if softmax and has_gs else None
         stride_sb, stride_st = (0, 1) if rows.jagged else (seq_len, 1)
         gs_strides = (0, 1) if not has_gs else ((0, grad_scores.stride(0)) if rows.jagged else grad_scores.stride())
         dk_strides = (0, dk.stride(0)) if rows.jagged else (dk.stride(0), dk.stride(1))
@@ -924,18 +925,30 @@ def packed_attention_backward(
             SOFTMAX=softmax, HAS_GRAD_SCORES=has_gs, num_warps=NUM_WARPS_BWD, num_stages=NUM_STAGES, **meta,
         )
         _sum_partials_kernel[(triton.cdiv(width, REDUCE_BLOCK),)](parts, flat, programs, width, BLOCK=REDUCE_BLOCK)
+    params = list(weights) + list(biases)
+    params += [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
+    sizes, piece_of = _split_plan(dim, hidden, activation, dice_affine, slope_sizes)
+    pieces = flat.split(sizes)
     grads = []
-    for (shape, offset), param in zip(w_layout + b_layout, list(weights) + list(biases)):
-        grads.append(_as_param(flat, shape, offset, param))
-    params = [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
-    for (shape, offset), param in zip(a_layout, params):
-        grads.append(_as_param(flat, shape, offset, param))
+    for piece, p in zip(piece_of, params):
+        g = pieces[piece].view(p.shape)
+        grads.append(g if g.dtype == p.dtype else g.to(p.dtype))
     return [dq, dk, *grads]
 
 
-def _as_param(flat: Tensor, shape, offset: int, param: Tensor) -> Tensor:
-    numel = 1
-    for n in shape:
-        numel *= n
-    grad = flat[offset:offset + numel].view(param.shape)
-    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
+@functools.lru_cache(maxsize=None)
+def _split_plan(dim: int, hidden: tuple, activation: str, affine: bool, slope_sizes: tuple):
+    """(sizes that split the flat buffer into its pieces in memory order, the piece of each of
+    [*weights, *biases, *acts] in turn): the kernel stores layer by layer (W, b, act), the
+    gradients are returned weights first."""
+    w_layout, b_layout, a_layout, width = _grad_layout(dim, hidden, activation, affine, slope_sizes)
+    entries = w_layout + b_layout + a_layout
+    by_offset = sorted(range(len(entries)), key=lambda i: entries[i][1])
+    sizes = []
+    for i in by_offset:
+        numel = 1
+        for n in entries[i][0]:
+            numel *= n
+        sizes.append(numel)
+    piece_of = [by_offset.index(i) for i in range(len(entries))]
+    return tuple(sizes), tuple(piece_of)

@@ -267,7 +267,7 @@ def _count_device_ops(call):
     no_launch = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default",
                  "slice.Tensor", "as_strided.default", "detach.default", "alias.default", "t.default",
                  "reshape.default", "expand.default", "unsqueeze.default", "squeeze.dim", "new_empty.default",
-                 "empty_like.default", "lift_fresh.default", "select.int"}
+                 "empty_like.default", "lift_fresh.default", "select.int", "split_with_sizes.default"}
     aten_ops, launches = [], []
 
     class Record(TorchDispatchMode):
