@@ -109,21 +109,37 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the interpreter runs")
     parser.add_argument("--host-calls", type=int, default=300, help="calls per host-time sample")
     parser.add_argument("--host-repeats", type=int, default=15, help="interleaved host-time samples")
+    parser.add_argument("--host-only", action="store_true", help="skip the interpreter runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = []
+    print(f"value checks: {'on' if value_checks_on() else 'off'} (FASTDIN_VALUE_CHECKS)")
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     base = dict(date=stamp, device=platform.processor() or platform.machine(), torch=torch.__version__,
-                triton=triton.__version__, threads=torch.get_num_threads())
+                triton=triton.__version__, threads=torch.get_num_threads(), value_checks=value_checks_on())
 
-    # 1. length-proportional work under the interpreter
+    if not args.host_only:
+        rows += interpreter_rows(base, args.repeats)
+    rows += host_rows(base, args)
+    new_file = not os.path.exists(RESULTS)
+    with open(RESULTS, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {RESULTS}")
+
+
+def interpreter_rows(base, repeats):
+    """1. length-proportional work under the interpreter."""
+    rows = []
     shape = dict(batch=4, seq_len=1024, dim=32, hidden=(80, 40))
     full = make_inputs(**shape, lengths_value=1024)
     short = make_inputs(**shape, lengths_value=1)
     launcher_step(*short)  # warm-up (Triton's interpreter builds its function cache)
     medians = interleaved_medians({"lengths T": lambda: launcher_step(*full),
-                                   "lengths 1": lambda: launcher_step(*short)}, args.repeats)
+                                   "lengths 1": lambda: launcher_step(*short)}, repeats)
     ratio = medians["lengths T"] / medians["lengths 1"]
     print(f"interpreter fwd+bwd B=4 T=1024 D=32 80/40: lengths T {medians['lengths T'] * 1e3:.1f} ms, "
           f"lengths 1 {medians['lengths 1'] * 1e3:.1f} ms, ratio {ratio:.1f}x")
@@ -131,11 +147,19 @@ def main():
         rows.append(dict(base, measure="interpreter fwd+bwd", config=f"B4 T1024 D32 80/40 sigmoid fp32, {name}",
                          median_us=round(seconds * 1e6, 1), ratio=round(ratio, 2) if name == "lengths T" else ""))
 
-    # 2. host time per call, kernels stubbed, paper shape
+    return rows
+
+
+def host_rows(base, args):
+    """2. host time per call, kernels stubbed, paper shape; with two yardsticks of this machine's
+    speed timed in the same run (an empty Python call, a torch.empty)."""
+    rows = []
     shape = dict(batch=2048, seq_len=100, dim=32, hidden=(80, 40))
     plain = make_inputs(**shape, lengths_value=50)
     leaves = make_inputs(**shape, lengths_value=50, requires_grad=True)
-    calls = {"launchers inference": lambda: launcher_step(*plain, backward=False),
+    calls = {"yardstick: empty Python call": lambda: None,
+             "yardstick: torch.empty(1)": lambda: torch.empty(1),
+             "launchers inference": lambda: launcher_step(*plain, backward=False),
              "launchers training step": lambda: launcher_step(*plain, backward=True)}
     try:
         from fastdin.ops import attention_packed  # noqa: F401  (the packed kernels wired as backend "triton")
@@ -161,15 +185,16 @@ def main():
         us = seconds / args.host_calls * 1e6
         print(f"host time per call, kernels stubbed, 2048x100x32 80/40: {name:<26} {us:7.1f} us")
         rows.append(dict(base, measure="host time, kernels stubbed", config=f"B2048 T100 D32 80/40 sigmoid fp32, {name}",
-                         median_us=round(us, 1), ratio=""))
+                         median_us=round(us, 2), ratio=""))
+    return rows
 
-    new_file = not os.path.exists(RESULTS)
-    with open(RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {RESULTS}")
+
+def value_checks_on():
+    from fastdin.ops import backend
+
+    previous = backend.set_value_checks(True)
+    backend.set_value_checks(previous)
+    return previous
 
 
 def _no_grad(fn, *args, **kwargs):

@@ -931,7 +931,9 @@ def packed_attention_backward(
     pieces = flat.split(sizes)
     grads = []
     for piece, p in zip(piece_of, params):
-        g = pieces[piece].view(p.shape)
+        g = pieces[piece]
+        if g.shape != p.shape:
+            g = g.view(p.shape)
         grads.append(g if g.dtype == p.dtype else g.to(p.dtype))
     return [dq, dk, *grads]
 

@@ -14,11 +14,17 @@ from torch import Tensor
 H200_SHARED_BYTES = 232448  # the most shared memory one block may use on an H100/H200 (227 KiB)
 
 
-def _kernels():
-    # lazy: triton may be missing, and TRITON_INTERPRET must be set before the kernels are defined
-    from fastdin.kernels import attention_packed
+_KERNELS = []
 
-    return attention_packed
+
+def _kernels():
+    # lazy: triton may be missing, and TRITON_INTERPRET must be set before the kernels are defined;
+    # kept once imported (an import statement per call costs about 20 us of import machinery)
+    if not _KERNELS:
+        from fastdin.kernels import attention_packed
+
+        _KERNELS.append(attention_packed)
+    return _KERNELS[0]
 
 
 def _block(n: int) -> int:
