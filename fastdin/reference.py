@@ -82,6 +82,18 @@ def valid_positions(lengths: Optional[Tensor], mask: Optional[Tensor], batch: in
     return positions.unsqueeze(0) < lengths.reshape(-1, 1)
 
 
+def pad_jagged(values: Tensor, offsets: Tensor):
+    """Jagged keys (values [N, D], user b's rows at offsets[b]:offsets[b+1]) as padded keys [B, T, D]
+    with T the longest length (padding zero), and the lengths [B]."""
+    lengths = offsets.diff()
+    batch = lengths.shape[0]
+    seq_len = int(lengths.max()) if batch else 0
+    valid = valid_positions(lengths, None, batch, seq_len, values.device)
+    flat = valid.reshape(-1).nonzero().squeeze(1)  # row-major: the jagged order
+    keys = values.new_zeros(batch * seq_len, values.shape[1]).index_copy(0, flat, values)
+    return keys.view(batch, seq_len, values.shape[1]), lengths
+
+
 def _activate(h: Tensor, activation: str, params, valid: Tensor, dice_stats: str) -> Tensor:
     if activation == "sigmoid":
         return torch.sigmoid(h)
@@ -107,6 +119,7 @@ def attention_pool(
     act_params: Optional[Sequence] = None,
     lengths: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
+    offsets: Optional[Tensor] = None,
     normalization: Optional[str] = None,
     return_scores: bool = False,
     dice_stats: str = "valid",
@@ -121,7 +134,20 @@ def attention_pool(
     normalization=None their weight is 0; with "softmax" they are left out of the softmax, and a
     row with no valid position gets zero weights. Returns out [B, D], and the weights [B, T] when
     `return_scores`.
+
+    Jagged input: keys [N, D] hold the users' histories one after another, user b's at rows
+    offsets[b]:offsets[b+1] (offsets [B + 1], the values+offsets convention of TorchRec and FBGEMM).
+    Every row is a valid position (so dice_stats "all" is "valid"), and the weights come back
+    packed as [N].
     """
+    if offsets is not None:
+        padded, lengths = pad_jagged(keys, offsets)
+        result = attention_pool(query, padded, weights, biases, activation=activation, act_params=act_params,
+                                lengths=lengths, normalization=normalization, return_scores=return_scores)
+        if not return_scores:
+            return result
+        out, scores = result
+        return out, scores[valid_positions(lengths, None, *scores.shape, scores.device)]
     batch, seq_len, _ = keys.shape
     valid = valid_positions(lengths, mask, batch, seq_len, keys.device)
     q = query.unsqueeze(1).expand_as(keys)
