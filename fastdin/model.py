@@ -4,7 +4,8 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdin import functional, reference
+from fastdin import functional, packed, reference
+from fastdin.ops.checks import check_offsets
 from fastdin.layers import MLP, AttentionPooling
 
 POOLINGS = ("attention", "sum")
@@ -20,8 +21,10 @@ class DIN(nn.Module):
     gives one logit per row.
 
     Batch (a dict of tensors): "item" [B], "category" [B], "hist_items" [B, T],
-    "hist_categories" [B, T], "lengths" [B]; optional "user_sparse" [B, F] (ids per user field,
-    sizes in `user_sparse_sizes`) and "dense" [B, num_dense].
+    "hist_categories" [B, T], "lengths" [B]; or a jagged history: "hist_items" and "hist_categories"
+    flat [N] with "hist_offsets" [B + 1] (int64, user b's behaviours at offsets[b]:offsets[b+1]);
+    optional "user_sparse" [B, F] (ids per user field, sizes in `user_sparse_sizes`) and "dense"
+    [B, num_dense].
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 16,
@@ -68,20 +71,33 @@ class DIN(nn.Module):
                 ids[f"user_{field}"] = batch["user_sparse"][:, field]
         return ids
 
+    def _pool_jagged(self, candidate: Tensor, history: Tensor, offsets: Tensor) -> Tensor:
+        """Pool a jagged history (rows [N, 2 * embed_dim], user b's at offsets[b]:offsets[b+1])."""
+        if self.attention is not None:
+            return self.attention(candidate, history, offsets=offsets)
+        if check_offsets(offsets, history.shape[0], None, None) != candidate.shape[0]:
+            raise ValueError(f"hist_offsets must have B + 1 = {candidate.shape[0] + 1} entries, got {offsets.shape[0]}")
+        user = packed.rows_from_offsets(offsets, history.shape[0])
+        return history.new_zeros(candidate.shape).index_add_(0, user, history)
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        for name in ("item", "category", "hist_items", "hist_categories", "lengths"):
+        positions = "hist_offsets" if "hist_offsets" in batch else "lengths"  # jagged or padded history
+        for name in ("item", "category", "hist_items", "hist_categories", positions):
             if name not in batch:
-                raise ValueError(f"batch is missing {name!r}; DIN needs item, category, hist_items, hist_categories, lengths")
+                raise ValueError(f"batch is missing {name!r}; DIN needs item, category, hist_items, hist_categories "
+                                 "and lengths (padded history [B, T]) or hist_offsets (jagged history [N])")
         for name in ("item", "category", "hist_items", "hist_categories", "user_sparse"):
             if name in batch and batch[name].is_floating_point():
                 raise TypeError(f"batch[{name!r}] holds ids and must be an integer tensor, got {batch[name].dtype}")
         candidate = torch.cat([self.embeddings["item"](batch["item"]), self.embeddings["category"](batch["category"])], -1)
         history = torch.cat([self.embeddings["item"](batch["hist_items"]),
                              self.embeddings["category"](batch["hist_categories"])], -1)
-        lengths = batch["lengths"]
-        if self.attention is not None:
-            interest = self.attention(candidate, history, lengths=lengths)
+        if positions == "hist_offsets":
+            interest = self._pool_jagged(candidate, history, batch["hist_offsets"])
+        elif self.attention is not None:
+            interest = self.attention(candidate, history, lengths=batch["lengths"])
         else:
+            lengths = batch["lengths"]
             # the same checks of lengths as attention pooling makes
             lengths = functional.check_positions(lengths, None, history.shape[0], history.shape[1])
             valid = reference.valid_positions(lengths, None, history.shape[0], history.shape[1], history.device)

@@ -201,13 +201,19 @@ def _dice(h: Tensor, p: DiceParams, count: Optional[Tensor], total) -> Tensor:
 
 
 def _activate(h: Tensor, activation: str, params, count: Optional[Tensor], total) -> Tensor:
+    # h is a fresh GEMM output that no backward needs: sigmoid and relu may overwrite it
     if activation == "sigmoid":
-        return torch.sigmoid(h)
+        return h.sigmoid_()
     if activation == "relu":
-        return torch.relu(h)
+        return h.relu_()
     if activation == "prelu":
         return F.prelu(h, params.reshape(-1).to(h.dtype))  # on [R, H] the channel dim is the feature dim
     return _dice(h, params, count, total)
+
+
+# Without autograd the rows go through the MLP in chunks of this many, so that a chunk's activations
+# stay in cache (chunks of 512 to 2048 rows were 10-35% faster than all rows at once on the CPU here).
+INFERENCE_CHUNK = 1024
 
 
 def row_scores(query: Tensor, groups: Sequence[RowGroup], weights, biases, activation: str, act_params,
@@ -217,29 +223,38 @@ def row_scores(query: Tensor, groups: Sequence[RowGroup], weights, biases, activ
     total: the number of positions Dice's statistics are taken over (default: the rows, each counted
     once or by its group's count)."""
     dim = query.shape[1]
-    w1 = weights[0]
-    wq, wk, wd, wp = w1.split(dim, dim=1)  # nn.Linear layout [H1, 4D]: the blocks of q, k, q - k, q * k
-    first = torch.cat([wk - wd, wp], 1)  # [H1, 2D], the same for every row
-    c = torch.addmm(biases[0], query, (wq + wd).t())  # [B, H1]: c_b = q_b (Wq + Wd) + b1
+    wq, wk, wd, wp = weights[0].split(dim, dim=1)  # nn.Linear layout [H1, 4D]: the blocks of q, k, q - k, q * k
+    # x_t W1 + b1 = c_b + k_t (Wk - Wd) + (q_b * k_t) Wp, with c_b = q_b (Wq + Wd) + b1 once per user
+    first_k, first_qk = (wk - wd).t(), wp.t()
+    c = torch.addmm(biases[0], query, (wq + wd).t())  # [B, H1]
+    count = None
+    if any(g.count is not None for g in groups):
+        count = torch.cat([g.count if g.count is not None else g.keys.new_ones(g.keys.shape[0]) for g in groups])
+    dice_training = activation == "dice" and act_params[0].training
+
+    def scores(k, per_row):
+        # pre1 accumulated in place into the gathered c: no [R, 2D] concat and no extra copy
+        h = per_row(c).addmm_(k, first_k).addmm_(per_row(query) * k, first_qk)
+        for layer in range(len(weights) - 1):
+            if layer:
+                h = torch.addmm(biases[layer], h, weights[layer].t())
+            params = act_params[layer] if act_params is not None else None
+            h = _activate(h, activation, params, count, total)
+        return torch.addmm(biases[-1], h, weights[-1].t()).squeeze(1)
+
+    if len(groups) == 1 and not dice_training and not torch.is_grad_enabled():
+        keys, user = groups[0].keys, groups[0].user
+        parts = [scores(keys[i:i + INFERENCE_CHUNK], lambda t, i=i: t.index_select(0, user[i:i + INFERENCE_CHUNK]))
+                 for i in range(0, keys.shape[0], INFERENCE_CHUNK)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if total is None:
+        total = sum(g.keys.shape[0] for g in groups) if count is None else count.sum()
 
     def per_row(table):  # [B, F] -> [R, F] over all groups
         parts = [gather_rows(table, g.user, g.offsets) for g in groups]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    k = groups[0].keys if len(groups) == 1 else torch.cat([g.keys for g in groups])
-    x = torch.cat([k, per_row(query) * k], 1)  # [R, 2D]
-    h = torch.addmm(per_row(c), x, first.t())
-    count = None
-    if any(g.count is not None for g in groups):
-        count = torch.cat([g.count if g.count is not None else g.keys.new_ones(g.keys.shape[0]) for g in groups])
-    if total is None:
-        total = h.shape[0] if count is None else count.sum()
-    for layer in range(len(weights) - 1):
-        if layer:
-            h = torch.addmm(biases[layer], h, weights[layer].t())
-        params = act_params[layer] if act_params is not None else None
-        h = _activate(h, activation, params, count, total)
-    return torch.addmm(biases[-1], h, weights[-1].t()).squeeze(1)
+    return scores(groups[0].keys if len(groups) == 1 else torch.cat([g.keys for g in groups]), per_row)
 
 
 def _pool_rows(scores: Tensor, keys: Tensor, user: Tensor, offsets: Tensor, batch: int, normalization):
