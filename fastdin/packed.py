@@ -245,7 +245,7 @@ def row_scores(query: Tensor, groups: Sequence[RowGroup], weights, biases, activ
     if len(groups) == 1 and not dice_training and not torch.is_grad_enabled():
         keys, user = groups[0].keys, groups[0].user
         parts = [scores(keys[i:i + INFERENCE_CHUNK], lambda t, i=i: t.index_select(0, user[i:i + INFERENCE_CHUNK]))
-                 for i in range(0, keys.shape[0], INFERENCE_CHUNK)]
+                 for i in range(0, max(keys.shape[0], 1), INFERENCE_CHUNK)]  # one (empty) chunk for N = 0
         return parts[0] if len(parts) == 1 else torch.cat(parts)
     if total is None:
         total = sum(g.keys.shape[0] for g in groups) if count is None else count.sum()
