@@ -38,10 +38,18 @@ from fastdin.reference import DiceParams, valid_positions
 
 
 def segment_sum(values: Tensor, user: Tensor, offsets: Tensor, batch: int) -> Tensor:
-    """[B, *] sums of values [R, *] over each user's rows, in a fixed order (deterministic)."""
-    if values.is_cuda:  # index_add_ uses atomics on CUDA; segment_reduce reduces each segment in order
-        return torch.segment_reduce(values, "sum", offsets=offsets, axis=0, unsafe=True)
-    return values.new_zeros((batch,) + values.shape[1:]).index_add_(0, user, values)
+    """[B, *] sums of values [R, *] over each user's rows, in a fixed order (deterministic); fp16 and
+    bf16 values are summed in fp32."""
+    if values.dtype in (torch.float16, torch.bfloat16):
+        return segment_sum(values.float(), user, offsets, batch).to(values.dtype)
+    if values.is_cuda:  # index_add_ uses atomics on CUDA
+        return segment_sum_sorted(values, offsets)
+    return values.new_zeros((batch,) + values.shape[1:]).index_add_(0, user, values)  # in row order on the CPU
+
+
+def segment_sum_sorted(values: Tensor, offsets: Tensor) -> Tensor:
+    """The same from the offsets alone (rows ordered by user): each segment reduced by itself, no atomics."""
+    return torch.segment_reduce(values, "sum", offsets=offsets, axis=0, unsafe=True)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -74,10 +82,12 @@ class _SegmentSum(torch.autograd.Function):
 
 
 class _SegmentSoftmax(torch.autograd.Function):
-    """Softmax of scores [R] within each user's rows; a user with no rows has none."""
+    """Softmax of scores [R] within each user's rows (in fp32 for fp16/bf16); a user with no rows has none."""
 
     @staticmethod
     def forward(ctx, scores, user, offsets, batch):
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            return _SegmentSoftmax.forward(ctx, scores.float(), user, offsets, batch).to(scores.dtype)
         # the per-user max only shifts the exponent (the softmax does not depend on it)
         top = scores.new_full((batch,), float("-inf")).scatter_reduce_(0, user, scores, "amax", include_self=True)
         e = torch.exp(scores - top.index_select(0, user))
@@ -90,8 +100,9 @@ class _SegmentSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         w, user, offsets = ctx.saved_tensors
-        wg = w * grad
-        return wg - w * segment_sum(wg, user, offsets, ctx.batch).index_select(0, user), None, None, None
+        wg = w * grad.to(w.dtype)
+        dscores = wg - w * segment_sum(wg, user, offsets, ctx.batch).index_select(0, user)
+        return dscores.to(grad.dtype), None, None, None
 
 
 class _ZeroPaddingRows(torch.autograd.Function):
