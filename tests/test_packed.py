@@ -280,3 +280,30 @@ def test_torch_compile_inductor_train_and_eval():
     for a, b in zip(fast.mlp.activations, slow.mlp.activations):
         torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "expanded", "transposed", "jagged"])
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+def test_inference_in_chunks_matches_reference(monkeypatch, layout, activation):
+    """Without autograd the rows are scored and pooled chunk by chunk (chunks of 7 rows here: users
+    cut across chunks), NaN padding included; the numbers are the reference's."""
+    monkeypatch.setattr(packed, "INFERENCE_CHUNK", 7)
+    case = PackedCase(6, (5, 3), activation, seq_len=8, batch=5,
+                      layout="contiguous" if layout == "jagged" else layout)
+    leaves, positions = inputs(case)
+    x = cast_leaves(leaves, F64)
+    keys = keys_from_base(case, x["keys_base"])
+    valid = reference.valid_positions(positions["lengths"], None, case.batch, case.seq_len, "cpu")
+    kwargs = dict(activation=activation, act_params=act_params(case, x))
+    with torch.no_grad():
+        want = reference.attention_pool(x["query"], torch.where(valid.unsqueeze(-1), keys, 0), x["weights"],
+                                        x["biases"], lengths=positions["lengths"], **kwargs)
+        if layout == "jagged":
+            offsets = packed.offsets_from_counts(positions["lengths"])
+            got = functional.attention_pool(x["query"], keys[valid], x["weights"], x["biases"], offsets=offsets,
+                                            backend="torch", **kwargs)
+        else:
+            poisoned = torch.where(valid.unsqueeze(-1), keys, float("nan"))
+            got = functional.attention_pool(x["query"], poisoned, x["weights"], x["biases"],
+                                            lengths=positions["lengths"], backend="torch", **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
