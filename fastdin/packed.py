@@ -124,6 +124,37 @@ class _ZeroPaddingRows(torch.autograd.Function):
         return torch.where(valid.unsqueeze(-1), 0, per_user.unsqueeze(1)), None, None, None
 
 
+class _FirstLayer(torch.autograd.Function):
+    """pre1 [R, H1] = c_b + k Ak + (q_b * k) Ap for rows k [R, D] of users `user`, with a backward of
+    two GEMMs ([k, q_b * k] against [Ak; Ap], recomputing q_b * k instead of keeping it)."""
+
+    @staticmethod
+    def forward(ctx, keys, query, c, user, offsets, first_k, first_qk):
+        q_rows = query.index_select(0, user)
+        ctx.save_for_backward(keys, query, user, offsets, first_k, first_qk)
+        return c.index_select(0, user).addmm_(keys, first_k).addmm_(q_rows * keys, first_qk)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keys, query, user, offsets, first_k, first_qk = ctx.saved_tensors
+        batch, dim = query.shape
+        q_rows = query.index_select(0, user)
+        dkeys = dquery = dc = dfirst = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            t = grad.mm(torch.cat([first_k, first_qk]).t())  # [R, 2D]: grad Ak^T | grad Ap^T
+            t_k, t_qk = t[:, :dim], t[:, dim:]
+            if ctx.needs_input_grad[1]:
+                dquery = segment_sum(t_qk * keys, user, offsets, batch)
+            if ctx.needs_input_grad[0]:
+                dkeys = t_k.addcmul_(t_qk, q_rows)
+        if ctx.needs_input_grad[2]:
+            dc = segment_sum(grad, user, offsets, batch)
+        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+            dfirst = torch.cat([keys, q_rows * keys], 1).t().mm(grad)  # [2D, H1]
+        return (dkeys, dquery, dc, None, None, None if dfirst is None else dfirst[:dim],
+                None if dfirst is None else dfirst[dim:])
+
+
 def gather_rows(table: Tensor, user: Tensor, offsets: Tensor) -> Tensor:
     return _GatherRows.apply(table, user, offsets)
 
@@ -231,9 +262,11 @@ def _row_mlp(query: Tensor, weights, biases, activation: str, act_params, count=
     first_k, first_qk = (wk - wd).t(), wp.t()
     c = torch.addmm(biases[0], query, (wq + wd).t())  # [B, H1]
 
-    def scores(k, per_row):
-        # pre1 accumulated in place into the gathered c: no [R, 2D] concat and no extra copy
-        h = per_row(c).addmm_(k, first_k).addmm_(per_row(query) * k, first_qk)
+    def scores(k, per_row, user=None, offsets=None):
+        if user is not None:  # one group of rows, with autograd
+            h = _FirstLayer.apply(k, query, c, user, offsets, first_k, first_qk)
+        else:  # pre1 accumulated in place into the gathered c: no [R, 2D] concat and no extra copy
+            h = per_row(c).addmm_(k, first_k).addmm_(per_row(query) * k, first_qk)
         for layer in range(len(weights) - 1):
             if layer:
                 h = torch.addmm(biases[layer], h, weights[layer].t())
@@ -261,7 +294,9 @@ def row_scores(query: Tensor, groups: Sequence[RowGroup], weights, biases, activ
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     scores = _row_mlp(query, weights, biases, activation, act_params, count, total)
-    return scores(groups[0].keys if len(groups) == 1 else torch.cat([g.keys for g in groups]), per_row)
+    if len(groups) == 1:
+        return scores(groups[0].keys, per_row, groups[0].user, groups[0].offsets)
+    return scores(torch.cat([g.keys for g in groups]), per_row)
 
 
 # Without autograd the rows go through the MLP and the pooled sum in chunks of this many, gathered
