@@ -2,6 +2,7 @@
 padded input: forward, scores, every gradient and Dice's running statistics, for every activation,
 softmax or none, lengths / mask / neither, strided and expanded keys, NaN in the padding, and the
 dense form that torch.compile runs."""
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -257,6 +258,8 @@ def test_auto_runs_the_torch_path_on_the_cpu():
                                      has_torch_path="torch" in attention_op.IMPLEMENTATIONS) == "torch"
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor on the CPU needs a C++ compiler")
 def test_torch_compile_inductor_train_and_eval():
     """Inductor (CPU) compiles the layer whole (fullgraph: the dense form, no data-dependent shapes),
     Dice training with softmax, then eval; the numbers, gradients and running statistics are the reference's."""
