@@ -9,7 +9,8 @@ where it counts:
   call; offsets [B + 1] delimit each user's segment.
 - **Constant weights.** With W1 split into its D-column blocks Wq, Wk, Wd, Wp, x_t W1 =
   [k_t, q_b * k_t] [[Wk - Wd], [Wp]] + c_b with c_b = q_b (Wq + Wd) + b1: one [B, D] x [D, H1] GEMM per
-  batch for c, then one [N, 2D] x [2D, H1] GEMM for every row; the [B, T, 4D] concat is never built.
+  batch for c, then the same [2D, H1] matrix for every row (two GEMMs accumulated in place into the
+  gathered c; the backward is two GEMMs too); the [B, T, 4D] concat is never built.
 - **Segmented pooling.** out_b = sum over b's rows of w_r k_r, and a segmented softmax (per-user max
   and sum), both as fixed-order sums: index_add_ on the CPU (deterministic there), segment_reduce
   on CUDA (one sorted segment per user, no atomics).
@@ -19,6 +20,10 @@ batch statistics are taken over the valid rows ("valid"), or over all B*T positi
 "all", padded positions whose keys are all zero share one pre-activation per user (x = 0 gives
 pre1 = c_b), so each such user adds one row counted T - length_b times; padded keys that are not all
 zero are computed as rows of their own.
+
+Without autograd (and without softmax, scores or Dice training) the rows are gathered, scored and
+pooled in chunks that stay in cache. Gathering the valid rows of padded input reads N on the host
+(on CUDA one device-to-host sync per call, and one more for Dice statistics over "all" positions).
 
 Under torch.compile the padded input takes a dense form without data-dependent shapes: every one
 of the B*T positions is a row, padded keys are replaced by zeros (select) and the mask weights the
