@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdin.jagged import jagged_to_padded
+
 ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
 NORMALIZATIONS = (None, "softmax")
 DICE_STATS = ("valid", "all")
@@ -82,18 +84,6 @@ def valid_positions(lengths: Optional[Tensor], mask: Optional[Tensor], batch: in
     return positions.unsqueeze(0) < lengths.reshape(-1, 1)
 
 
-def pad_jagged(values: Tensor, offsets: Tensor):
-    """Jagged keys (values [N, D], user b's rows at offsets[b]:offsets[b+1]) as padded keys [B, T, D]
-    with T the longest length (padding zero), and the lengths [B]."""
-    lengths = offsets.diff()
-    batch = lengths.shape[0]
-    seq_len = int(lengths.max()) if batch else 0
-    valid = valid_positions(lengths, None, batch, seq_len, values.device)
-    flat = valid.reshape(-1).nonzero().squeeze(1)  # row-major: the jagged order
-    keys = values.new_zeros(batch * seq_len, values.shape[1]).index_copy(0, flat, values)
-    return keys.view(batch, seq_len, values.shape[1]), lengths
-
-
 def _activate(h: Tensor, activation: str, params, valid: Tensor, dice_stats: str) -> Tensor:
     if activation == "sigmoid":
         return torch.sigmoid(h)
@@ -141,7 +131,7 @@ def attention_pool(
     packed as [N].
     """
     if offsets is not None:
-        padded, lengths = pad_jagged(keys, offsets)
+        padded, lengths = jagged_to_padded(keys, offsets)
         result = attention_pool(query, padded, weights, biases, activation=activation, act_params=act_params,
                                 lengths=lengths, normalization=normalization, return_scores=return_scores)
         if not return_scores:

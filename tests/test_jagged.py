@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from attention_helpers import ATOL, relative_errors
 
 from fastdin import DIN, AttentionPooling, functional, reference, set_value_checks
+from fastdin.jagged import jagged_to_padded
 from fastdin.ops import attention as attention_op
 from fastdin.reference import DiceParams
 
@@ -99,7 +100,7 @@ def test_reference_jagged_is_the_padded_form():
     of the valid positions packed in order."""
     counts = [3, 0, 5, 1]
     leaves, offsets, _ = jagged_inputs(counts, 6, (7,), "sigmoid")
-    keys, lengths = reference.pad_jagged(leaves["values"], offsets)
+    keys, lengths = jagged_to_padded(leaves["values"], offsets)
     assert keys.shape == (4, 5, 6) and lengths.tolist() == counts
     out, scores = reference.attention_pool(leaves["query"], leaves["values"], leaves["weights"], leaves["biases"],
                                            offsets=offsets, normalization="softmax", return_scores=True)
