@@ -310,3 +310,14 @@ def test_inference_in_chunks_matches_reference(monkeypatch, layout, activation):
             got = functional.attention_pool(x["query"], poisoned, x["weights"], x["biases"],
                                             lengths=positions["lengths"], backend="torch", **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_jit_trace_records_plain_ops():
+    """torch.jit.trace (the TorchScript export) takes the reference's plain ops, whose trace replays
+    on other lengths."""
+    pool = AttentionPooling(6, (7, 5), "prelu", normalization="softmax", backend="torch").eval()
+    query, keys = torch.randn(4, 6), torch.randn(4, 9, 6)
+    with torch.no_grad():
+        traced = torch.jit.trace(pool, (query, keys, torch.tensor([9, 3, 0, 5])), check_trace=False)
+        lengths = torch.tensor([2, 9, 4, 0])
+        torch.testing.assert_close(traced(query, keys, lengths), pool(query, keys, lengths), rtol=1e-6, atol=1e-7)

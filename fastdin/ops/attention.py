@@ -379,6 +379,10 @@ def _attention_pool_reference(query, keys, weights, biases, activation, act_para
 def _attention_pool_torch(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
                           return_scores, dice_stats, offsets=None):
     """The packed-rows PyTorch path (fastdin.packed), in the keys' dtype (the autocast dtype under autocast)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # the tracers record plain ops, not the path's autograd.Functions (nor its data-dependent rows)
+        return _attention_pool_reference(query, keys, weights, biases, activation, act_params, lengths, mask,
+                                         normalization, return_scores, dice_stats, offsets)
     if torch.is_autocast_enabled(keys.device.type):
         dtype = torch.get_autocast_dtype(keys.device.type)
         query, keys = query.to(dtype), keys.to(dtype)
