@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import pytest
 import sm90_build
 import torch
-from attention_helpers import (Case, cast_leaves, check_against_reference, dtype_params, fake_bf16_inputs,
-                               keys_from_base, make_inputs, make_module_pair, outputs_and_grads, relative_errors)
+from attention_helpers import (Case, assert_modules_match, cast_leaves, check_against_reference, dtype_params,
+                               fake_bf16_inputs, float64_copy, keys_from_base, make_inputs, make_module_pair,
+                               outputs_and_grads)
 from conftest import DEVICES
 
 # tests without a device parameter build their tensors on the kernels' device
@@ -127,22 +128,26 @@ def test_module_two_training_steps_then_eval():
     """AttentionPooling with Dice: two SGD steps (batch statistics, running-statistics updates) and
     then eval (running statistics) give the reference backend's numbers."""
     fast, slow = make_module_pair("dice", "softmax", dice_affine=True)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (fast, slow)]
-    query, keys, lengths = torch.randn(3, 1, 6), torch.randn(3, 10, 6), torch.tensor([10, 4, 0])
+    modules = [fast, slow, float64_copy(slow)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in modules]
+    query, keys, lengths = torch.randn(3, 1, 6).double(), torch.randn(3, 10, 6).double(), torch.tensor([10, 4, 0])
+    score_bias = 2 + len(list(fast.parameters())) - 1  # its gradient is 0 in exact math under softmax
     for step in range(2):
         results = []
-        for module, optimizer in zip((fast, slow), optimizers):
+        for module, optimizer in zip(modules, optimizers):
+            dtype = next(module.parameters()).dtype
             optimizer.zero_grad()
-            out, scores = module(query, keys, lengths=lengths)
+            out, scores = module(query.to(dtype), keys.to(dtype), lengths=lengths)
             (out.square().sum() + scores.sum()).backward()
             optimizer.step()
             results.append([out, scores] + [p.grad for p in module.parameters()] + list(module.buffers()))
-        for i, err in enumerate(relative_errors(results[0], results[1])):
-            assert err < 1e-4 or (i == 2 + len(list(fast.parameters())) - 1), f"step {step}, result {i}: {err:.2e}"
+        assert_modules_match(f"dice training step {step}", *results, skip={score_bias})
         keys = keys + 0.5  # the second batch shifts the statistics
-    fast.eval(), slow.eval()
-    for got, want in zip(fast(query, keys, lengths=lengths), slow(query, keys, lengths=lengths)):
-        assert relative_errors([got], [want])[0] < 1e-4
+    results = []
+    for module in modules:
+        dtype = next(module.parameters()).dtype
+        results.append(list(module.eval()(query.to(dtype), keys.to(dtype), lengths=lengths)))
+    assert_modules_match("dice eval after training", *results)
     assert int(fast.mlp.activations[0].num_batches_tracked) == 2
 
 
@@ -166,14 +171,15 @@ def test_torch_compile_fullgraph_training():
     slow = AttentionPooling(backend="reference", **kwargs)
     slow.load_state_dict(fast.state_dict())
     compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
-    query, keys = torch.randn(3, 6, requires_grad=True), torch.randn(3, 9, 6)
+    query, keys = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 9, 6, dtype=torch.float64)
     lengths = torch.tensor([9, 4, 0])
     results = []
-    for module in (compiled, slow):
-        out, scores = module(query, keys, lengths=lengths)
-        grad = torch.autograd.grad(out.sum() + scores.square().sum(), query)[0]
+    for module, dtype in ((compiled, torch.float32), (slow, torch.float32), (float64_copy(slow), torch.float64)):
+        q = query.to(dtype).requires_grad_()
+        out, scores = module(q, keys.to(dtype), lengths=lengths)
+        grad = torch.autograd.grad(out.sum() + scores.square().sum(), q)[0]
         results.append([out, scores, grad] + list(module.buffers()))
-    assert max(relative_errors(results[0], results[1])) < 1e-4
+    assert_modules_match("compiled dice training", *results)
 
 
 # ---------------------------------------------------------------------------------------------
