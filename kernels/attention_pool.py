@@ -1,7 +1,7 @@
 """Fused DIN local activation unit: attention MLP + mask + (softmax) + weighted sum, forward and backward.
 
 For user b with candidate q and history keys k_t the MLP sees x_t = [q, k_t, q - k_t, q * k_t]. The
-first layer is folded per user (see design.md): x_t W1 + b1 = k_t W_b + c_b with
+first layer is folded per user (see docs/design.md, "Folding the first layer"): x_t W1 + b1 = k_t W_b + c_b with
 W_b = Wk - Wd + diag(q) Wp and c_b = q (Wq + Wd) + b1, so the [B, T, 4D] concat is never built.
 The kernels read the raw `nn.Linear` weights in place with masked loads. Each program walks its
 users (grid-stride loop) tile by tile over T; biases and activation parameters are loaded once per
@@ -563,7 +563,7 @@ def _attention_pool_bwd_kernel(
     if DICE_TRAIN:
         inv_count = 1.0 / tl.load(count_ptr)
 
-    # accumulators over this program's users (the fold's S1, S2, U and sum of dc_b; design.md)
+    # accumulators over this program's users (the fold's S1, S2, U and sum of dc_b; docs/design.md, "Backward")
     S1 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
     S2 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
     U = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)

@@ -1,7 +1,7 @@
 """The fused Triton Dice kernel against the float64 reference: output, every gradient, running stats.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest), in fp32 and fp16; on CUDA
-bf16 is added (the interpreter's bf16 arithmetic is wrong, see design.md). Every float tensor the
+bf16 is added (the interpreter's bf16 arithmetic is wrong, see docs/design.md). Every float tensor the
 kernel launchers allocate is prefilled with NaN, so an element a kernel fails to write shows up.
 """
 import copy

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from fastdin import functional
+from fastdin.ops import attention as attention_op
+from fastdin.ops import dice as dice_op
 from fastdin.layers import MLP, AttentionPooling, Dice, make_activation
 from fastdin.model import DIN
 from fastdin.reference import DiceParams
@@ -201,6 +203,10 @@ def test_choose_backend():
     assert functional.choose_backend("reference", cpu, None, "op") == "reference"
     assert functional.choose_backend("auto", cpu, None, "op") == "reference"  # kernels need CUDA under auto
     assert functional.choose_backend("auto", cpu, "no kernel", "op") == "reference"
+    # "torch" (and "auto" off CUDA) take an op's fast PyTorch path where it has one
+    assert functional.choose_backend("torch", cpu, None, "op") == "reference"
+    assert functional.choose_backend("torch", cpu, None, "op", has_torch_path=True) == "torch"
+    assert functional.choose_backend("auto", cpu, None, "op", has_torch_path=True) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         functional.choose_backend("fast", cpu, None, "op")
 
@@ -217,8 +223,8 @@ def test_triton_backend_without_kernel_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         functional.choose_backend("triton", cpu, None, "my_op")
     # through the ops: with a kernel gap (as where no kernel covers a case), both raise
-    monkeypatch.setattr(functional, "attention_kernel_gap", lambda *args, **kwargs: "test gap")
-    monkeypatch.setattr(functional, "dice_kernel_gap", lambda *args, **kwargs: "test gap")
+    monkeypatch.setattr(attention_op, "attention_kernel_gap", lambda *args, **kwargs: "test gap")
+    monkeypatch.setattr(dice_op, "dice_kernel_gap", lambda *args, **kwargs: "test gap")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     args = attention_args()
     expected = NotImplementedError if functional.HAS_TRITON else RuntimeError

@@ -1,0 +1,87 @@
+"""Backend policy shared by every op.
+
+backend is "auto" | "triton" | "torch" | "reference"; None reads the environment variable
+FASTDIN_BACKEND (default "auto").
+- "triton": the fused Triton kernels; an error where none covers the case. On the CPU they run
+  only under Triton's interpreter (TRITON_INTERPRET=1).
+- "torch": an op's fast pure-PyTorch path where it has one, else its reference.
+- "reference": the plain, unfused ground truth (fastdin.reference).
+- "auto": "triton" on CUDA where Triton imports and a kernel covers the case, else "torch".
+"""
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # no triton wheel on this platform
+    HAS_TRITON = False
+
+_value_checks = os.environ.get("FASTDIN_VALUE_CHECKS", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the checks of tensor *values* (lengths within [0, T], Dice's valid-row count) on or off.
+
+    They are on by default. On CUDA each costs a device-to-host synchronisation, so a tuned
+    training loop whose inputs are known to be valid may turn them off. Shape, dtype and device
+    checks are free and always run. Returns the previous setting.
+    """
+    global _value_checks
+    previous, _value_checks = _value_checks, bool(enabled)
+    return previous
+
+
+def checking_values(t: Tensor) -> bool:
+    """Whether to check the values of t now: on, and not while tracing or capturing a graph."""
+    if not _value_checks or torch.compiler.is_compiling() or t.is_meta:  # meta tensors have no values
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def default_backend() -> str:
+    backend = os.environ.get("FASTDIN_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"FASTDIN_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of this device."""
+    if not HAS_TRITON:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_backend(backend: Optional[str], device: torch.device, kernel_gap: Optional[str], op: str,
+                   has_torch_path: bool = False) -> str:
+    """Resolve backend to "triton", "torch" or "reference" for one call of op.
+
+    kernel_gap is None when a Triton kernel exists for the case, else the reason why none does;
+    has_torch_path says whether op has a fast PyTorch path ("torch" means the reference without one).
+    """
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    torch_path = "torch" if has_torch_path else "reference"
+    if backend == "reference":
+        return "reference"
+    if backend == "torch":
+        return torch_path
+    if backend == "auto":
+        usable = device.type == "cuda" and HAS_TRITON and kernel_gap is None
+        return "triton" if usable else torch_path
+    if not triton_runnable(device):
+        raise RuntimeError(
+            f"backend='triton' for {op} needs CUDA tensors and an installed triton "
+            f"(or TRITON_INTERPRET=1 on the CPU); got tensors on {device}"
+        )
+    if kernel_gap is not None:
+        raise NotImplementedError(f"backend='triton': no Triton kernel for {op} in this case: {kernel_gap}")
+    return "triton"
