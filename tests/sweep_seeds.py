@@ -49,7 +49,7 @@ def reference_cases():
     """The property test's examples on the reference path, drawn from the seed."""
     import test_properties as properties
 
-    yield "property reference", "examples", lambda: properties.sweep_reference_examples(count=20)
+    yield "property reference", "examples", lambda: properties.sweep_reference_examples(count=5)
 
 
 def main() -> None:
