@@ -19,6 +19,7 @@ from conftest import DEVICES
 pytestmark = pytest.mark.usefixtures("on_kernel_device")
 
 from fastdin import functional
+from fastdin.ops import attention as functional_attention
 from fastdin.kernels import attention_pool as attention_kernels
 from fastdin.layers import AttentionPooling
 from fastdin.reference import DiceParams
@@ -194,10 +195,10 @@ def sm90_case_id(dim, hidden, affine):
     return f"dice-train-D{dim}-H{'x'.join(map(str, hidden))}-{'affine' if affine else 'plain'}"
 
 
-def _sm90_training_call(dim, hidden, affine):
-    """The launches of a training step (statistics, merge, forward, sums, backward) on fake bf16 inputs."""
+def _sm90_training_call(dim, hidden, affine, dtype=torch.bfloat16):
+    """The launches of a training step (statistics, merge, forward, sums, backward) on fake inputs."""
     def call():
-        query, keys, weights, biases, lengths = fake_bf16_inputs(dim, hidden)
+        query, keys, weights, biases, lengths = fake_bf16_inputs(dim, hidden, dtype=dtype)
         batch, seq_len = keys.shape[:2]
         stats = torch.zeros(len(hidden), 3, max(hidden))
         running, batch_stats = [], []
@@ -210,7 +211,7 @@ def _sm90_training_call(dim, hidden, affine):
         attention_kernels.attention_pool_forward(query, keys, weights, biases, batch_stats, lengths, None, "dice",
                                                  1e-8, affine, True, True)
         attention_kernels.attention_pool_backward(
-            torch.randn(batch, dim).bfloat16(), torch.randn(batch, seq_len).bfloat16(), query, keys, weights, biases,
+            torch.randn(batch, dim).to(dtype), torch.randn(batch, seq_len).to(dtype), query, keys, weights, biases,
             batch_stats, lengths, None, torch.zeros(batch), torch.zeros(batch), "dice", 1e-8, affine, True,
             stats[0, 2, :1], False)
     return call
@@ -233,3 +234,21 @@ def test_training_kernels_build_for_sm90(sm90_builds, dim, hidden, affine):
     # per layer a statistics pass and a merge, the forward, per layer a sums pass, the backward
     assert len(builds) == 3 * len(hidden) + 2
     assert max(b["shared"] for b in builds.values()) <= sm90_build.H200_SHARED_BYTES, builds
+    # the estimate behind attention_kernel_gap covers every variant the step launches
+    estimate = attention_kernels.shared_memory_estimate(dim, tuple(hidden), torch.bfloat16, dice_training=True)
+    assert max(b["shared"] for b in builds.values()) <= estimate * 1.15, builds
+
+
+def test_gap_refuses_fp32_training_dice_past_the_shared_memory_limit(monkeypatch):
+    """fp32 training-mode Dice whose sums passes need more than an H200 block (344 and 377 KB by ptxas,
+    issue 9) is refused; the same layers in eval, and in bf16, are not."""
+    monkeypatch.setattr(functional_attention, "_shared_memory_limit", lambda device: sm90_build.H200_SHARED_BYTES)
+    for dim, hidden in ((64, (200, 80)), (32, (256, 128, 64))):
+        sizes = [4 * dim, *hidden, 1]
+        weights = [torch.zeros(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+        train = [DiceParams(torch.zeros(h), torch.zeros(h), torch.ones(h), training=True) for h in hidden]
+        evals = [p._replace(training=False) for p in train]
+        keys = torch.zeros(2, 3, dim)
+        assert "shared memory" in functional.attention_kernel_gap(keys, weights, "dice", train)
+        assert functional.attention_kernel_gap(keys, weights, "dice", evals) is None
+        assert functional.attention_kernel_gap(keys.bfloat16(), weights, "dice", train) is None
