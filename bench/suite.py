@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from fastdin import functional
 from fastdin.bench import report
-from fastdin.bench.cases import IMPLS, MODES, Workload, deepctr_available, relative_error, select_cases
+from fastdin.bench.cases import IMPLS, MODES, Workload, deepctr_available, select_cases
 from fastdin.bench.measure import DTYPES, Budget, device_name, measure_ceilings, median_ms, peak_extra_mib
+from fastdin.testing import relative_error
 
 # --quick compiles only these: compiling every case takes minutes on a CPU, and one case proves the path works.
 QUICK_COMPILE_CASES = ("attention-sigmoid",)

@@ -252,12 +252,13 @@ def test_statistics_stable_under_large_offset(device):
     _, stats = dice_kernels.dice_forward(x, torch.zeros(24, device=device), None, None, *running, mask, True, 0.1,
                                          1e-8, block_rows=16, row_programs=3)
     valid = x[mask]
-    def rstd(v):
-        return (v.var(0, unbiased=False) + 1e-8).rsqrt()
-
-    # the same-dtype run: torch's own fp32 mean and variance of the same rows
+    # the same-dtype run: torch's own fp32 mean of the same rows
     assert_close_to_reference("large offset mean", stats[0], valid.double().mean(0), valid.mean(0))
-    assert_close_to_reference("large offset rstd", stats[1], rstd(valid.double()), rstd(valid))
+    # The variance here is conditioned 2 x mean / std = 2e4: an fp32 algorithm may lose 2e4 x 6e-8 =
+    # 1.2e-3 of it (seen: 5e-5), while torch's CPU var (4e-8) carries more than fp32 inside, so it
+    # is no same-dtype run. The test is of stability (E[x^2] - E[x]^2 would lose all of it): 1e-3.
+    want = (valid.double().var(0, unbiased=False) + 1e-8).rsqrt()
+    assert relative_error(stats[1], want) < 1e-3
     assert torch.equal(stats[2], torch.full_like(stats[2], float(mask.sum())))
 
 
