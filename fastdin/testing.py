@@ -19,11 +19,12 @@ from torch import Tensor
 # The floor per dtype. fp32 (unit roundoff u = 6e-8): two correct orders of summing n terms differ by
 # up to about n*u relative to the sum of the terms' sizes (sqrt(n)*u typically), and more relative to
 # a result that cancels (a softmax or bias gradient): with the tests' n of a few hundred to a thousand
-# (B*T positions, 4D*H products) that is up to ~6e-5. Measured (tests/sweep_seeds.py, seeds 0-8 of
-# every kernel case): kernel error - 2 x reference error at most 1.07e-5, and 1.2e-5 in the failure
-# seen on another CPU (4.35e-5 against 2 x 1.59e-5); 5e-5 leaves 4x over both, and an error of 1e-3
-# still fails 20x over. fp16/bf16 (u = 4.9e-4 / 3.9e-3): results are rounded once to the dtype.
-FLOOR = {torch.float64: 1e-12, torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# (B*T positions, 4D*H products) that is up to ~6e-5, and Dice batch statistics over few rows
+# amplify it. Measured (tests/sweep_seeds.py, seeds 0-16 of every kernel case): kernel error - 2 x
+# reference error up to 1.07e-5 in most cases, 5.32e-5 for training-mode Dice with two counted rows
+# (T = 1), and 1.2e-5 in the failure seen on another CPU; 1e-4 covers these, and an error of 1e-3
+# still fails 10x over. fp16/bf16 (u = 4.9e-4 / 3.9e-3): results are rounded once to the dtype.
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 # Set to a list by a seed sweep (tests/sweep_seeds.py): every comparison is appended as
 # (name, dtype, error, same-dtype reference error), so the worst error/bound ratio can be found.

@@ -45,5 +45,5 @@ def test_bound_and_message():
     with pytest.raises(AssertionError, match=r"moved: relative error 1.00e-03 > .* \(the reference in float32\)"):
         assert_close_to_reference("moved", off.float(), want, same)
     # the largest error of several same-dtype runs counts
-    noisy = want * (1 + 5e-4)  # bound 2 x 5e-4 + 5e-5 > 1e-3
+    noisy = want * (1 + 5e-4)  # bound 2 x 5e-4 + 1e-4 > 1e-3
     assert_close_to_reference("two runs", off.float(), want, [same, noisy.float()])
