@@ -3,8 +3,9 @@
 For each case the kernel (backend="triton") and the reference run in the same low precision are
 both compared with the reference in float64, on the output and on every gradient (inputs and
 parameters): relative error ||got - want|| / ||want||, the largest over the gradients (leaving
-out a gradient that is zero in exact math, as the score bias's under softmax). The numerics
-policy asks the kernel to stay within about twice the low-precision reference's error.
+out a gradient that is zero in exact math, as the score bias's under softmax). The last column is
+the tests' numerics policy (fastdin.testing): kernel error / (2 x reference error + floor), the
+worse of output and gradients; above 1 the tests would fail.
 Without a GPU the kernels run under Triton's interpreter (fp32 and fp16; its bf16 is wrong).
 Run: python bench/accuracy.py
 """
@@ -17,14 +18,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
 from fastdin import AttentionPooling, Dice  # noqa: E402
+from fastdin.testing import error_bound, relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-
-
-def _rel(got, want) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def _run(module, dtype, backend, inputs, grad_seeds):
@@ -46,7 +43,10 @@ def _errors(module, inputs, grad_seeds, dtype):
     for backend in ("triton", "reference"):
         out, grads = _run(module, dtype, backend, inputs, grad_seeds)
         # a gradient that is zero in exact math (the score bias under softmax) has no relative error
-        row += [_rel(out, want_out), max(_rel(g, w) for g, w in zip(grads, want_grads) if w.norm() > 1e-9)]
+        row += [relative_error(out, want_out),
+                max(relative_error(g, w) for g, w in zip(grads, want_grads) if w.norm() > 1e-9)]
+    # the tests' bound (fastdin.testing): kernel error / (2 x reference error + floor), worst of out and grads
+    row.append(max(k / error_bound(dtype, r) for k, r in ((row[0], row[2]), (row[1], row[3]))))
     return row
 
 
@@ -87,12 +87,14 @@ def main() -> None:
         ("dice eval 300x80, affine", lambda: dice_case(False)),
     ]
     print(f"{DEVICE}, torch {torch.__version__}; relative error vs the float64 reference")
-    print(f"{'case':<46} {'dtype':<9} {'kernel out':>10} {'kernel grad':>11} {'ref out':>9} {'ref grad':>9}")
+    print(f"{'case':<46} {'dtype':<9} {'kernel out':>10} {'kernel grad':>11} {'ref out':>9} {'ref grad':>9} "
+          f"{'err/bound':>9}")
     for name, make in cases:
         module, inputs, seeds = make()
         for dtype in DTYPES:
             errors = _errors(module, inputs, seeds, dtype)
-            print(f"{name:<46} {str(dtype)[6:]:<9} " + " ".join(f"{e:>10.1e}" for e in errors))
+            print(f"{name:<46} {str(dtype)[6:]:<9} " + " ".join(f"{e:>10.1e}" for e in errors[:4])
+                  + f" {errors[4]:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -138,11 +138,6 @@ def with_backend(module: nn.Module, backend: str) -> nn.Module:
     return module
 
 
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-
-
 class Workload:
     """One case at one dtype on one device: inputs and a model built once from a fixed seed."""
 

@@ -6,14 +6,14 @@ from typing import Dict, Sequence
 
 COLUMNS = [
     "date", "device", "torch", "triton", "value_checks", "case", "shape", "mode", "dtype", "impl", "backend",
-    "ms", "peak_mib", "gflop", "mbytes", "tflops", "flops_frac", "gbps", "bw_frac",
+    "ms", "ms_spread", "peak_mib", "gflop", "mbytes", "tflops", "flops_frac", "gbps", "bw_frac",
     "speedup_vs_eager", "speedup_vs_compile", "rel_err_vs_eager",
     "ceiling_tflops", "ceiling_gbps", "note",
 ]
 
 # What the terminal table shows, with its headers.
 TABLE = [
-    ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("impl", "impl"), ("ms", "ms"),
+    ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("impl", "impl"), ("ms", "ms"), ("ms_spread", "spread"),
     ("peak_mib", "peak MiB"), ("tflops", "TFLOP/s"), ("flops_frac", "of peak"), ("gbps", "GB/s"),
     ("bw_frac", "of peak"), ("speedup_vs_eager", "x eager"), ("speedup_vs_compile", "x compile"),
     ("rel_err_vs_eager", "rel err"), ("note", "note"),
@@ -26,7 +26,7 @@ def fmt(value, column: str = "") -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        if column.endswith("_frac"):
+        if column.endswith("_frac") or column == "ms_spread":
             return f"{100 * value:.1f}%"
         if column == "rel_err_vs_eager":
             return f"{value:.1e}"
@@ -52,6 +52,16 @@ def _cell(row: Dict, key: str) -> str:
     if key == "peak_mib" and row.get("ms") and row.get("peak_mib") is None:
         return "n/a"  # only CUDA's allocator reports a peak; on the CPU it is not guessed
     return fmt(row.get(key), key)
+
+
+def check_csv(path: str, columns: Sequence[str] = COLUMNS) -> None:
+    """Raise ValueError if the CSV at path exists with other columns (rows appended would not line up)."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(columns):
+            raise ValueError(f"{path}: its columns are not this version's ({len(header)} against {len(columns)}); "
+                             f"give another --out-dir or move the file")
 
 
 def append_csv(path: str, rows: Sequence[Dict], columns: Sequence[str] = COLUMNS) -> None:

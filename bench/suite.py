@@ -4,9 +4,11 @@ DeepCTR-Torch on every case, and write a table, a CSV and a plot.
 The CLI registers it with `add_arguments(parser)` and `run(args)`.
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import re
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -16,12 +18,17 @@ from tqdm import tqdm
 
 from fastdin import functional
 from fastdin.bench import report
-from fastdin.bench.cases import IMPLS, MODES, Workload, deepctr_available, relative_error, select_cases
+from fastdin.bench.cases import IMPLS, MODES, Workload, deepctr_available, select_cases
 from fastdin.bench.measure import DTYPES, Budget, device_name, measure_ceilings, median_ms, peak_extra_mib
+from fastdin.testing import relative_error
 
 # --quick compiles only these: compiling every case takes minutes on a CPU, and one case proves the path works.
 QUICK_COMPILE_CASES = ("attention-sigmoid",)
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Timing rounds: the implementations of a group take turns (rotated each round), so that a slow spell
+# of a shared machine hits them all; a speedup whose per-round ratios stray more than NOISE from their
+# median is printed as noise, not as a number.
+ROUNDS = {"quick": 3, "full": 5}
+NOISE = 0.2
 
 
 def _names(text: str, allowed: Sequence[str], option: str) -> List[str]:
@@ -46,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-autotune", action="store_true", help="compile with mode='max-autotune'")
     parser.add_argument("--no-sweep", action="store_true", help="skip the time-versus-T series")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--out-dir", default=RESULTS_DIR, help="where the CSV is appended and the PNG written")
+    parser.add_argument("--out-dir", default=".",
+                        help="where the CSV is appended and the PNG written (default: the working directory)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="start no new case after this many minutes; what was measured is still reported")
     parser.add_argument("--seed", type=int, default=0)
@@ -62,23 +70,46 @@ def _budget(quick: bool) -> Budget:
     return Budget()
 
 
-def _measure(work: Workload, impl: str, mode: str, args, budget: Budget, reference: torch.Tensor) -> Dict:
-    """One row: time, memory and throughput of impl on work in mode."""
+def _prepare(work: Workload, impl: str, mode: str, args, reference: torch.Tensor):
+    """One row's fixed columns, and the step to time."""
     module = work.implementation(impl, args.max_autotune)
     row: Dict = {"impl": impl, "backend": work.backend(mode) if impl == "fastdin" else impl, "note": ""}
     if mode == "inference":
         row["rel_err_vs_eager"] = relative_error(work.reference_output(module), reference)
-    step = work.step(module, mode)
-    row["ms"] = median_ms(step, work.device, budget)
-    row["peak_mib"] = peak_extra_mib(step, work.device)
-    flops, nbytes = work.flops(mode), work.bytes(mode)
-    seconds = row["ms"] * 1e-3
-    row.update(gflop=flops / 1e9, mbytes=nbytes / 1e6, tflops=flops / seconds / 1e12, gbps=nbytes / seconds / 1e9)
     if impl == "fastdin" and "triton" not in row["backend"]:
         row["note"] = f"{row['backend']} path (no kernel runs here)"
     if impl == "deepctr" and work.case.activation == "dice":
         row["note"] = "DeepCTR's Dice takes statistics over all B*T positions"
-    return row
+    return row, work.step(module, mode)
+
+
+def _time_interleaved(steps: Dict[str, object], device, budget: Budget, rounds: int, failed: Dict[str, str]):
+    """{impl: [median ms of each round]}: every round times each step once, the order rotated by one
+    per round. A step that raises is left out of later rounds, its error in `failed`."""
+    per_round = dataclasses.replace(budget, min_run_s=budget.min_run_s / rounds)
+    times = {impl: [] for impl in steps}
+    order = list(steps)
+    for index in range(rounds):
+        shift = index % len(order)
+        for impl in order[shift:] + order[:shift]:
+            if impl in failed:
+                continue
+            try:
+                times[impl].append(median_ms(steps[impl], device, per_round))
+            except Exception as error:  # one broken implementation must not hide the others' numbers
+                failed[impl] = f"failed: {type(error).__name__}: {error}"[:200]
+    return times
+
+
+def _fill_timing(row: Dict, work: Workload, mode: str, ms_rounds: Sequence[float], step) -> None:
+    row["ms"] = statistics.median(ms_rounds)
+    row["ms_spread"] = (max(ms_rounds) - min(ms_rounds)) / row["ms"]
+    row["peak_mib"] = peak_extra_mib(step, work.device)
+    flops, nbytes = work.flops(mode), work.bytes(mode)
+    seconds = row["ms"] * 1e-3
+    row.update(gflop=flops / 1e9, mbytes=nbytes / 1e6, tflops=flops / seconds / 1e12, gbps=nbytes / seconds / 1e9)
+    row["flops_frac"] = row["tflops"] / row["ceiling_tflops"]
+    row["bw_frac"] = row["gbps"] / row["ceiling_gbps"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,17 +122,32 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases = select_cases(args.quick, [c for c in args.cases.split(",") if c], sweep=not args.no_sweep)
     budget = _budget(args.quick)
+    _require_matplotlib()  # before a minute of measuring, not after it
     # Every implementation goes through fastdin.functional; its value checks sync with the GPU, so
     # they are off unless asked for, for all implementations alike, and the CSV says which.
     checks_before = functional.set_value_checks(args.value_checks)
     try:
-        return _run(args, impls, modes, dtypes, device, cases, budget)
+        return _run(args, impls, modes, dtypes, device, cases, budget, ROUNDS["quick" if args.quick else "full"])
     finally:
         functional.set_value_checks(checks_before)
 
 
-def _run(args, impls, modes, dtypes, device, cases, budget) -> int:
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("fastdin bench: matplotlib draws the plot and is not installed; "
+                         "pip install matplotlib (or pip install 'fastdin[bench]')") from None
+
+
+def _run(args, impls, modes, dtypes, device, cases, budget, rounds) -> int:
     name = device_name(device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, _slug(name) + ("-quick" if args.quick else ""))
+    try:
+        report.check_csv(stem + ".csv")
+    except ValueError as error:
+        raise SystemExit(f"fastdin bench: {error}") from None
     ceilings = measure_ceilings(device, dtypes, args.quick, budget)
     rates = ", ".join(f"{k.split('_')[-1]} matmul {v:.3g} TFLOP/s" for k, v in ceilings.items() if k != "copy_gbps")
     print(f"{name}: ceilings measured now: copy {ceilings['copy_gbps']:.4g} GB/s, {rates}", flush=True)
@@ -114,8 +160,6 @@ def _run(args, impls, modes, dtypes, device, cases, budget) -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": name, "torch": torch.__version__, "triton": triton_version,
             "value_checks": args.value_checks}
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, _slug(name) + ("-quick" if args.quick else ""))
 
     rows, failures = [], 0
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
@@ -126,24 +170,31 @@ def _run(args, impls, modes, dtypes, device, cases, budget) -> int:
         work = Workload(case, dtype, device, args.seed)
         reference = work.reference_output(work.implementation("eager"))
         for mode in modes:
-            group = []
+            group, steps, failed = {}, {}, {}
             for impl in impls:
                 row = dict(meta, case=case.key, shape=case.shape, mode=mode, dtype=dtype,
                            ceiling_tflops=ceilings[f"matmul_tflops_{dtype}"], ceiling_gbps=ceilings["copy_gbps"])
                 if not work.applies(impl) or (impl == "compile" and args.quick and case.key not in QUICK_COMPILE_CASES):
                     continue
                 if impl == "deepctr" and not deepctr_available():
-                    group.append(dict(row, impl=impl, backend="", note="skipped: deepctr_torch is not installed"))
+                    group[impl] = dict(row, impl=impl, backend="", note="skipped: deepctr_torch is not installed")
                     continue
                 try:
-                    row.update(_measure(work, impl, mode, args, budget, reference))
-                    row["flops_frac"] = row["tflops"] / row["ceiling_tflops"]
-                    row["bw_frac"] = row["gbps"] / row["ceiling_gbps"]
+                    prepared, steps[impl] = _prepare(work, impl, mode, args, reference)
+                    group[impl] = dict(row, **prepared)
                 except Exception as error:  # one broken implementation must not hide the others' numbers
+                    group[impl] = dict(row, impl=impl, backend="")
+                    failed[impl] = f"failed: {type(error).__name__}: {error}"[:200]
+            times = _time_interleaved({i: s for i, s in steps.items() if i not in failed}, device, budget,
+                                      rounds, failed)
+            for impl, row in group.items():
+                if impl in failed:
                     failures += 1
-                    row.update(impl=impl, backend="", note=f"failed: {type(error).__name__}: {error}"[:200])
-                group.append(row)
-            _add_speedups(group)
+                    row.update(backend="", note=failed[impl])
+                elif impl in times:
+                    _fill_timing(row, work, mode, times[impl], steps[impl])
+            group = list(group.values())
+            _add_speedups(group, times)
             report.append_csv(stem + ".csv", group)
             rows += group
     print(report.table(rows))
@@ -156,13 +207,21 @@ def _run(args, impls, modes, dtypes, device, cases, budget) -> int:
     return 1 if failures else 0
 
 
-def _add_speedups(group: List[Dict]) -> None:
-    times = {row["impl"]: row.get("ms") for row in group}
+def _add_speedups(group: List[Dict], times: Dict[str, List[float]]) -> None:
+    """speedup_vs_{eager,compile}: the median of the per-round ratios. Where a round's ratio strays more
+    than NOISE from that median the same code could not reproduce it: no number, a note with the range."""
     for row in group:
-        if row.get("ms"):
-            for base in ("eager", "compile"):
-                if times.get(base):
-                    row[f"speedup_vs_{base}"] = times[base] / row["ms"]
+        for base in ("eager", "compile"):
+            ours, theirs = times.get(row["impl"]), times.get(base)
+            if not ours or not theirs or len(ours) != len(theirs) or not row.get("ms"):
+                continue
+            ratios = [b / a for a, b in zip(ours, theirs)]
+            ratio = statistics.median(ratios)
+            if max(abs(r / ratio - 1) for r in ratios) > NOISE:
+                note = f"x {base}: noise (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+                row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+            else:
+                row[f"speedup_vs_{base}"] = ratio
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -56,7 +56,8 @@ def add_train(subparsers) -> None:
                         "(torch; the reference for ops without one); reference: the plain ground truth")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--epochs", type=_positive_int, default=2, help="passes over the training rows")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="training rows per optimizer step")
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="training rows per optimizer step (at least 2: Dice's batch statistics)")
     p.add_argument("--lr", type=_positive_float, default=3e-3,
                    help="learning rate (the default suits adam; give sgd and adagrad their own)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
@@ -115,6 +116,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.l2 is not None and args.sparse_embeddings and args.optimizer == "adam":
         args.parser.error("--l2 makes the embedding gradients dense, which SparseAdam (adam with "
                           "--sparse-embeddings) cannot take; use --optimizer sgd or adagrad, or --mba-lambda")
+    if args.batch_size < 2 or args.train_size < 2:
+        args.parser.error("--batch-size and --train-size must be at least 2: Dice's batch statistics in "
+                          "training need two rows per batch")
+    train_size = args.train_size
+    if train_size % args.batch_size == 1:
+        train_size -= 1
+        print(f"note: the last training batch would hold one row, which Dice's batch statistics cannot use: "
+              f"training on {train_size} rows per epoch")
     ranks = None  # under torchrun (WORLD_SIZE > 1): this rank of the run (fastdin.distributed)
     if distributed.launched_by_torchrun():
         if args.mba_lambda is not None or args.sparse_embeddings:
@@ -129,7 +138,7 @@ def run_train(args: argparse.Namespace) -> int:
                         sparse_embeddings=args.sparse_embeddings)
     torch.manual_seed(args.seed)
     model = DIN(**model_config)
-    train_stream = data.stream("train", args.train_size, args.batch_size)
+    train_stream = data.stream("train", train_size, args.batch_size)
     regularizer, regularization = None, {"regularizer": "none", "reg_lambda": None}
     if args.mba_lambda is not None:
         regularizer = MBARegularizer.from_batches(model, train_stream, args.mba_lambda, progress=not args.no_progress)
@@ -162,7 +171,8 @@ def run_train(args: argparse.Namespace) -> int:
             ranks.close()
             return 0
     metrics.setdefault("world_size", 1)
-    print(f"test AUC {metrics['test_auc']:.4f}, test logloss {metrics['test_logloss']:.4f}, "
+    one_label = " (undefined: the test rows hold one label only)" if metrics["test_auc"] != metrics["test_auc"] else ""
+    print(f"test AUC {metrics['test_auc']:.4f}{one_label}, test logloss {metrics['test_logloss']:.4f}, "
           f"wall time {metrics['wall_time_s']:.1f} s")
     if args.save is not None:
         checkpoint = {"state_dict": model.state_dict(), "model_config": model_config,
@@ -173,7 +183,9 @@ def run_train(args: argparse.Namespace) -> int:
         torch.save(checkpoint, args.save)
         print(f"saved the model to {args.save}")
     if args.metrics_out is not None:
-        args.metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
+        # an undefined AUC (nan) is written as null, which JSON has
+        text = json.dumps(metrics, indent=2).replace("NaN", "null")
+        args.metrics_out.write_text(text + "\n")
         print(f"wrote the metrics to {args.metrics_out}")
     if ranks is not None:
         ranks.close()
@@ -305,6 +317,7 @@ SUBCOMMANDS = [add_train, cli_data.add_evaluate, cli_data.add_predict, add_info,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdin", description=fastdin.__doc__)
+    parser.add_argument("--version", action="version", version=f"fastdin {fastdin.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)

@@ -226,25 +226,29 @@ def _padded_groups(keys: Tensor, valid: Tensor, dice_all: bool):
 
 
 def _dice(h: Tensor, p: DiceParams, count: Optional[Tensor], total) -> Tensor:
-    """Dice on rows [R, H]; batch statistics over the rows, each weighted by count (None: 1), total rows."""
+    """Dice on rows [R, H]; batch statistics over the rows, each weighted by count (None: 1), total rows.
+    Statistics and the gate run in fp32 whatever h's dtype (docs/design.md, numerics policy)."""
+    wide = torch.promote_types(h.dtype, torch.float32)  # float64 stays float64
+    h32 = h.to(wide)
     if p.training:
         if count is None:
-            mean = h.mean(0)
-            var = h.var(0, unbiased=False)
+            mean = h32.mean(0)
+            var = h32.var(0, unbiased=False)
         else:
-            mean = count @ h / total
-            var = count @ (h - mean).square() / total
+            count = count.to(wide)
+            mean = count @ h32 / total
+            var = count @ (h32 - mean).square() / total
         with torch.no_grad():
             p.running_mean.mul_(1 - p.momentum).add_(mean.detach().to(p.running_mean.dtype), alpha=p.momentum)
             unbiased = var.detach().to(p.running_var.dtype) * (total / (total - 1))
             p.running_var.mul_(1 - p.momentum).add_(unbiased, alpha=p.momentum)
     else:
-        mean, var = p.running_mean.to(h.dtype), p.running_var.to(h.dtype)
-    x_hat = (h - mean) * torch.rsqrt(var + p.eps)
+        mean, var = p.running_mean.to(wide), p.running_var.to(wide)
+    x_hat = (h32 - mean) * torch.rsqrt(var + p.eps)
     if p.weight is not None:
-        x_hat = x_hat * p.weight.to(h.dtype) + p.bias.to(h.dtype)
-    alpha = p.alpha.reshape(-1).to(h.dtype)
-    return h * (alpha + (1 - alpha) * torch.sigmoid(x_hat))  # p*h + (1-p)*alpha*h
+        x_hat = x_hat * p.weight.to(wide) + p.bias.to(wide)
+    alpha = p.alpha.reshape(-1).to(wide)
+    return (h32 * (alpha + (1 - alpha) * torch.sigmoid(x_hat))).to(h.dtype)  # p*h + (1-p)*alpha*h
 
 
 def _activate(h: Tensor, activation: str, params, count: Optional[Tensor], total) -> Tensor:

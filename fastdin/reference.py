@@ -55,15 +55,20 @@ def dice(
     """
     if training:
         rows = x.reshape(-1, x.shape[-1])
-        if mask is not None:
-            rows = rows[mask.reshape(-1)]
-        count = rows.shape[0]
-        mean = rows.mean(0)
-        var = rows.var(0, unbiased=False)
+        if mask is None:
+            count = rows.shape[0]
+            mean = rows.mean(0)
+            var = rows.var(0, unbiased=False)
+        else:
+            # a masked reduction, not rows[mask]: no data-dependent shape (torch.compile), and masked
+            # rows are selected away, so NaN or inf there does not count
+            counted = mask.reshape(-1, 1)
+            count = counted.sum()
+            mean = torch.where(counted, rows, 0).sum(0) / count
+            # where before the square: a NaN row selected away after it would still poison the gradient
+            var = torch.where(counted, rows - mean, 0).square().sum(0) / count
         with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
-            unbiased = var.detach().to(running_var.dtype) * (count / (count - 1))
-            running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         mean = running_mean.to(x.dtype)
         var = running_var.to(x.dtype)
@@ -72,6 +77,26 @@ def dice(
         x_hat = x_hat * weight + bias
     p = torch.sigmoid(x_hat)
     return p * x + (1 - p) * alpha * x
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count,
+                          momentum: float) -> None:
+    """nn.BatchNorm1d's update (momentum, unbiased variance), in place. With fewer than two counted
+    rows (possible with the value checks off) there is no unbiased variance: the statistics stay as
+    they are instead of turning NaN or inf. count is an int, or a tensor (no host sync)."""
+    if not isinstance(count, Tensor):  # an int (or a SymInt under torch.compile)
+        if count < 2:
+            return
+        enough, correction = None, count / (count - 1)
+    else:
+        # in var's dtype: int64 / int64 would be float32
+        enough, correction = count >= 2, count.to(var.dtype) / (count - 1).clamp_min(1).to(var.dtype)
+    new_mean = running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum
+    new_var = running_var * (1 - momentum) + (var * correction).to(running_var.dtype) * momentum
+    if enough is not None:
+        new_mean, new_var = torch.where(enough, new_mean, running_mean), torch.where(enough, new_var, running_var)
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
 
 
 def valid_positions(lengths: Optional[Tensor], mask: Optional[Tensor], batch: int, seq_len: int, device) -> Tensor:
@@ -140,6 +165,16 @@ def attention_pool(
         return out, scores[valid_positions(lengths, None, *scores.shape, scores.device)]
     batch, seq_len, _ = keys.shape
     valid = valid_positions(lengths, mask, batch, seq_len, keys.device)
+    training_stats_over_all = (activation == "dice" and dice_stats == "all"
+                               and any(p.training for p in act_params or ()))
+    # padding never counts: selected away (not multiplied by 0), so NaN or inf there changes no output
+    # and gets a zero gradient. Dice statistics over all B*T positions do count padding, by definition
+    # (DeepCTR-Torch's), so the MLP reads it as it is there.
+    pooled = keys.masked_fill(~valid.unsqueeze(-1), 0)
+    if not training_stats_over_all:
+        # a select of its own, not `pooled`: inductor would write `pooled` into the concat's buffer and
+        # then assert a stale stride on it in the backward after a recompile for a new T (torch 2.13)
+        keys = torch.where(valid.unsqueeze(-1), keys, keys.new_zeros(()))
     q = query.unsqueeze(1).expand_as(keys)
     h = torch.cat([q, keys, q - keys, q * keys], dim=-1)
     for layer, (w, b) in enumerate(zip(weights[:-1], biases[:-1])):
@@ -152,5 +187,5 @@ def attention_pool(
         scores = torch.softmax(scores, dim=-1) * valid
     else:
         scores = scores.masked_fill(~valid, 0.0)
-    out = torch.bmm(scores.unsqueeze(1), keys).squeeze(1)
+    out = torch.bmm(scores.unsqueeze(1), pooled).squeeze(1)
     return (out, scores) if return_scores else out

@@ -40,7 +40,9 @@ def _row_offsets(rows, rows_per_outer, stride_outer, stride_inner):
 
 @triton.jit
 def update_running_stats(run_mean_ptr, run_var_ptr, feats, ok, mean, var, count, momentum):
-    """nn.BatchNorm1d's update: the biased var normalizes, the unbiased var is tracked."""
+    """nn.BatchNorm1d's update: the biased var normalizes, the unbiased var is tracked. Fewer than two
+    counted rows (possible with the value checks off) have no unbiased var: the statistics stay."""
+    ok = ok & (count >= 2.0)
     run_mean = tl.load(run_mean_ptr + feats, mask=ok, other=0.0).to(tl.float32)
     run_var = tl.load(run_var_ptr + feats, mask=ok, other=0.0).to(tl.float32)
     run_mean = run_mean * (1.0 - momentum) + mean * momentum

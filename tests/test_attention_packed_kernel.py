@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import pytest
 import torch
-from attention_helpers import ATOL, LOW_DTYPES, relative_errors
+from attention_helpers import LOW_DTYPES
+from fastdin.testing import error_bound, relative_errors
 from conftest import DEVICES
 
 from fastdin import reference
@@ -194,7 +195,7 @@ def check(case: Case, dtype):
     same = reference_results(case, rounded, grad_out, grad_scores, dtype)
     if not case.scores:
         same.pop(1)
-    bounds = [2 * e + ATOL[dtype] for e in relative_errors(same, want)]
+    bounds = [error_bound(dtype, e) for e in relative_errors(same, want)]
     for i, (err, bound) in enumerate(zip(errors, bounds)):
         assert err <= bound, f"result {i}: relative error {err:.2e} > {bound:.2e} ({case}, {dtype})"
 

@@ -2,6 +2,7 @@
 the DeepCTR-Torch peer is loaded with the same weights (same outputs)."""
 import argparse
 import csv
+import sys
 
 import pytest
 import torch
@@ -47,18 +48,59 @@ def test_quick_suite_writes_table_csv_and_png(tmp_path, capsys):
 
 
 def test_a_failed_measurement_is_reported_and_fails_the_run(tmp_path, monkeypatch):
-    measure = suite._measure
+    prepare = suite._prepare
 
     def broken_fastdin(work, impl, *args):
         if impl == "fastdin":
             raise RuntimeError("kernel exploded")
-        return measure(work, impl, *args)
+        return prepare(work, impl, *args)
 
-    monkeypatch.setattr(suite, "_measure", broken_fastdin)
+    monkeypatch.setattr(suite, "_prepare", broken_fastdin)
     assert run_quick(tmp_path, "--cases", "dice-small", "--impls", "fastdin,eager", "--modes", "inference") == 1
     fastdin, eager = read_csv(tmp_path)
     assert fastdin["note"] == "failed: RuntimeError: kernel exploded" and fastdin["ms"] == ""
     assert float(eager["ms"]) > 0  # the other implementations are still measured
+
+
+def test_results_go_to_the_working_directory_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--no-compile", "--device", "cpu", "--cases", "dice-small",
+                              "--impls", "eager", "--modes", "inference"])
+    assert suite.run(args) == 0
+    assert len(list(tmp_path.glob("*.csv"))) == 1 and len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_missing_matplotlib_stops_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setattr(suite, "measure_ceilings", lambda *a: pytest.fail("measured without matplotlib"))
+    with pytest.raises(SystemExit, match=r"matplotlib .*pip install matplotlib"):
+        run_quick(tmp_path, "--cases", "dice-small")
+
+
+def test_a_speedup_that_rounds_cannot_reproduce_is_noise(tmp_path, monkeypatch):
+    """Rounds of eager 1, 1, 1 ms against fastdin 1, 1, 0.5 ms: ratios 1, 1, 2 are not a speedup; against
+    1, 1, 0.95 ms (ratios within 20%) they are."""
+    for fastdin_last, noisy in ((0.5, True), (0.95, False)):
+        series = {"eager": iter([1.0, 1.0, 1.0]), "fastdin": iter([1.0, 1.0, fastdin_last])}
+        monkeypatch.setattr(suite, "median_ms", lambda step, device, budget: next(series[step.impl]))
+        prepare = suite._prepare
+
+        def tagged(work, impl, *args):
+            row, step = prepare(work, impl, *args)
+            return row, type("Step", (), {"impl": impl, "__call__": lambda self: step()})()
+
+        monkeypatch.setattr(suite, "_prepare", tagged)
+        out_dir = tmp_path / str(noisy)
+        assert run_quick(out_dir, "--cases", "dice-small", "--impls", "fastdin,eager", "--modes", "inference") == 0
+        fastdin = next(r for r in read_csv(out_dir) if r["impl"] == "fastdin")
+        assert float(fastdin["ms"]) == 1.0 and float(fastdin["ms_spread"]) == pytest.approx(1 - fastdin_last)
+        if noisy:
+            assert fastdin["speedup_vs_eager"] == "" and "x eager: noise (rounds 1.00-2.00)" in fastdin["note"]
+        else:
+            assert float(fastdin["speedup_vs_eager"]) == 1.0 and "noise" not in fastdin["note"]
+        monkeypatch.setattr(suite, "_prepare", prepare)
 
 
 def test_attention_counts_by_hand():

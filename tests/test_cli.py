@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import fastdin
 from fastdin import MBARegularizer, count_frequencies, functional
 from fastdin.cli import TEST_BATCH_SIZE, main
 from fastdin.data import SyntheticConfig, SyntheticDIN
@@ -140,3 +141,36 @@ def test_bad_regularization_arguments(capsys, argv, message):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastdin {fastdin.__version__}"
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "1"], ["--train-size", "1"]])
+def test_train_refuses_one_row_batches(capsys, flags):
+    """Dice's batch statistics need two rows: refused up front with one line, not a traceback later."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, *flags])
+    assert exit_info.value.code == 2
+    assert "must be at least 2: Dice's batch statistics" in capsys.readouterr().err
+
+
+def test_train_drops_a_one_row_last_batch(tmp_path, capsys):
+    metrics_path = tmp_path / "metrics.json"
+    tiny = [a if a != "600" else "201" for a in TINY]  # 200 + 1 rows at batch size 200
+    assert main(["train", *tiny, "--epochs", "1", "--metrics-out", str(metrics_path)]) == 0
+    assert "training on 200 rows per epoch" in capsys.readouterr().out
+    assert 0 <= json.loads(metrics_path.read_text())["test_auc"] <= 1
+
+
+def test_train_with_one_test_label_reports_nan_auc(tmp_path, capsys):
+    metrics_path = tmp_path / "metrics.json"
+    tiny = [a if a != "300" else "1" for a in TINY]  # one test row: one label
+    assert main(["train", *tiny, "--epochs", "1", "--metrics-out", str(metrics_path)]) == 0
+    assert "test AUC nan (undefined: the test rows hold one label only)" in capsys.readouterr().out
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["test_auc"] is None and metrics["test_logloss"] > 0

@@ -1,6 +1,7 @@
 """The DIN model: shapes, padding, gradients, batch_ids, train vs eval, and a short run that learns."""
 import pytest
 import torch
+from conftest import TEST_SEED
 
 from fastdin.model import DIN
 
@@ -122,7 +123,7 @@ def test_train_and_eval():
 @pytest.mark.parametrize("pooling", ["attention", "sum"])
 def test_short_training_run_learns(pooling):
     """Toy task: click iff the candidate's category occurs in the history."""
-    torch.manual_seed(1)
+    torch.manual_seed(TEST_SEED + 1)
     batch = make_batch(batch=64, seq_len=6, user_features=False, dense=False)
     valid = torch.arange(6) < batch["lengths"].unsqueeze(1)
     labels = ((batch["hist_categories"] == batch["category"].unsqueeze(1)) & valid).any(1).float()

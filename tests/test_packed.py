@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from attention_helpers import (ATOL, Case, cast_leaves, check_against_reference, keys_from_base, make_inputs,
-                               relative_errors)
+from attention_helpers import Case, cast_leaves, check_against_reference, keys_from_base, make_inputs
 
 from fastdin import AttentionPooling, functional, packed, reference
 from fastdin.ops import attention as attention_op
+from fastdin.testing import relative_errors
 from fastdin.reference import DiceParams
 
 F64 = torch.float64

@@ -303,12 +303,14 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     if offsets is not None or attention_packed.packed_gap(keys, weights, activation, act_params) is None:
         return attention_packed.attention_pool_packed(query, keys, weights, biases, activation, act_params, lengths,
                                                       mask, normalization, return_scores, offsets=offsets)
-    if keys.is_cuda and torch.is_autocast_enabled("cuda"):
-        # run in the autocast dtype; the kernel reads the weights as they are and converts them
-        dtype = torch.get_autocast_dtype("cuda")
-        query, keys = query.to(dtype), keys.to(dtype)
-    # the kernel takes any strides except in the last dim (keys expanded over B stay a view)
+    # run in the autocast dtype; the kernel reads the weights as they are and converts them
+    dtype = kernel_dtype(keys)
+    query, keys = query.to(dtype), keys.to(dtype)
+    # the kernel takes any strides except in the last dim (keys expanded over B stay a view); it
+    # reads lengths[b] at len_ptr + b, so a strided view (table[:, 0]) is copied, B integers
     query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]
+    if lengths is not None:
+        lengths = lengths.contiguous()
     weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
     biases = [b if b.stride(-1) == 1 else b.contiguous() for b in biases]
     act_tensors, dice_eps, dice_affine = _attention_act_tensors(activation, act_params)
@@ -330,6 +332,23 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     return out, (scores if return_scores else None)
 
 
+def kernel_dtype(keys: Tensor) -> torch.dtype:
+    """The dtype the kernel computes in: under autocast on keys' device its dtype (float64 is never
+    autocast), else keys' own."""
+    device = keys.device.type
+    if keys.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return keys.dtype
+
+
+def _shared_memory_limit(device: torch.device) -> Optional[int]:
+    """Bytes of shared memory one program may use on this device; None where no GPU compiler runs."""
+    if device.type != "cuda" or not HAS_TRITON:
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 232448)
+
+
 def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
     """None when the fused Triton kernel covers this attention case, else why none does.
 
@@ -339,8 +358,9 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
     (running statistics) and in training mode (batch statistics over the valid or all positions,
     exact backward through them), lengths or mask, normalization None or softmax, scores.
     """
-    if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"keys dtype {keys.dtype}: the kernel takes float32, float16 or bfloat16"
+    dtype = kernel_dtype(keys)  # under autocast the kernel runs in the autocast dtype, and needs its memory
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"keys dtype {dtype}: the kernel takes float32, float16 or bfloat16"
     if keys.shape[-1] > 256:
         return f"embedding dim D = {keys.shape[-1]} > 256"
     hidden = [w.shape[0] for w in weights[:-1]]
@@ -348,10 +368,10 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
         return f"{len(hidden)} hidden layers > 4"
     if max(hidden) > 512:
         return f"hidden width {max(hidden)} > 512"
-    if keys.is_cuda and HAS_TRITON:
-        props = torch.cuda.get_device_properties(keys.device)
-        limit = getattr(props, "shared_memory_per_block_optin", 232448)
-        needed = _attention_kernels().shared_memory_estimate(keys.shape[-1], tuple(hidden), keys.dtype)
+    limit = _shared_memory_limit(keys.device)
+    if limit is not None:
+        dice_training = activation == "dice" and any(p.training for p in act_params)
+        needed = _attention_kernels().shared_memory_estimate(keys.shape[-1], tuple(hidden), dtype, dice_training)
         if needed > limit:
             return (f"D = {keys.shape[-1]} with hidden sizes {hidden} needs about {needed // 1024} KB of shared "
                     f"memory per program, more than the {limit // 1024} KB this GPU allows")
