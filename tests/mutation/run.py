@@ -85,10 +85,9 @@ MUTANTS = [
       "                w = tl.exp(s - lse)", "softmax backward: padded positions get softmax weights", ATTENTION_TESTS),
     M("attn-fwd-score-mask-dropped", ATTENTION, "                s = tl.where(valid, s, 0.0)\n                acc +=",
       "                acc +=", "no normalization: padded positions count in the output and the scores", ATTENTION_TESTS),
-    M("attn-returned-scores-mask-dropped", ATTENTION,
-      "tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.where(valid, tl.exp(s - lse), 0.0), mask=tmask)",
-      "tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.exp(s - lse), mask=tmask)",
-      "softmax: the returned scores are nonzero at padded positions", ATTENTION_TESTS),
+    M("attn-softmax-empty-row-mask-dropped", ATTENTION, "p = tl.where(valid, tl.exp(s - m_new), 0.0)",
+      "p = tl.exp(s - m_new)", "softmax: padded positions of a row with no valid position so far get weight 1 "
+      "(a row of length 0 gets uniform weights instead of zeros)", ATTENTION_TESTS),
     M("attn-length-off-by-one", ATTENTION, "valid = valid & (offs_t < tl.load(len_ptr + b64))",
       "valid = valid & (offs_t <= tl.load(len_ptr + b64))", "position t = length counts as valid", ATTENTION_TESTS),
     Mutant("attn-bwd-tile-bound-off-by-one", ATTENTION, [("            tmask = offs_t < T\n", "            tmask = offs_t < T - 1\n")],
@@ -247,6 +246,16 @@ MUTANTS = [
       "backend='triton' runs a kernel on a case no kernel covers", ERROR_TESTS),
 ]
 
+# Mutants that cannot change any result, kept to document why (run them with --equivalent).
+EQUIVALENT = [
+    Mutant("attn-returned-scores-mask-dropped", ATTENTION,
+           [("tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.where(valid, tl.exp(s - lse), 0.0), mask=tmask)",
+             "tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.exp(s - lse), mask=tmask)")],
+           "softmax: the returned scores' final mask. Equivalent: the raw scores stored before it are already "
+           "-1e30 at padded positions, and exp(-1e30 - lse) is exactly 0 in fp32 (lse is 0 for an empty row)",
+           ATTENTION_TESTS),
+]
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -316,7 +325,7 @@ def run_tests(tests: Sequence[str], timeout: float):
         return "timeout", f"timed out after {timeout:.0f} s", time.monotonic() - start
     seconds = time.monotonic() - start
     output = proc.stdout + proc.stderr
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", output, re.M)
     if failed:
         return proc.returncode, failed[0], seconds
     lines = [line for line in output.strip().splitlines() if line.strip()]
@@ -357,10 +366,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutant's tests")
     parser.add_argument("--markdown", type=Path, help="also write the result table here")
     parser.add_argument("--in-place", action="store_true", help="mutate the checkout itself, not a copy")
+    parser.add_argument("--equivalent", action="store_true", help="run the mutants known to be equivalent instead")
     args = parser.parse_args(argv)
-    names = [m.name for m in MUTANTS]
+    pool = EQUIVALENT if args.equivalent else MUTANTS
+    names = [m.name for m in pool]
     assert len(set(names)) == len(names), "mutant names must be unique"
-    mutants = MUTANTS if not args.only else [m for m in MUTANTS if m.name in args.only]
+    mutants = pool if not args.only else [m for m in pool if m.name in args.only]
     unknown = set(args.only or []) - set(names)
     if unknown:
         parser.error(f"unknown mutants: {sorted(unknown)}")
