@@ -1,4 +1,4 @@
-"""The `fastdin` command line: `fastdin train`, `fastdin info`, `fastdin bench`.
+"""The `fastdin` command line: `fastdin train`, `fastdin info`, `fastdin bench`, `fastdin export`.
 
 Each subcommand is a function that adds its parser to the subparsers and sets `run` (a function
 of the parsed args returning the exit code); add a new one to `SUBCOMMANDS`.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import fastdin
-from fastdin import functional
+from fastdin import distributed, functional
 from fastdin.data import SyntheticConfig, SyntheticDIN
 from fastdin.layers import AttentionPooling
 from fastdin.model import DIN, POOLINGS
@@ -111,6 +111,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.l2 is not None and args.sparse_embeddings and args.optimizer == "adam":
         args.parser.error("--l2 makes the embedding gradients dense, which SparseAdam (adam with "
                           "--sparse-embeddings) cannot take; use --optimizer sgd or adagrad, or --mba-lambda")
+    ranks = None  # under torchrun (WORLD_SIZE > 1): this rank of the run (fastdin.distributed)
+    if distributed.launched_by_torchrun():
+        if args.mba_lambda is not None or args.sparse_embeddings:
+            args.parser.error("under torchrun, --mba-lambda (each rank would regularize other rows after the "
+                              "gradient all-reduce) and --sparse-embeddings are not supported")
+        ranks = distributed.Context(device)
+        device = ranks.device
+    log = print if ranks is None or ranks.is_main else (lambda *_: None)
     data_config = SyntheticConfig(max_history=args.max_history, seed=args.seed, user_features=args.user_features)
     data = SyntheticDIN(data_config)
     model_config = dict(data.vocab_sizes(), embed_dim=args.embed_dim, pooling=args.pooling, backend=args.backend,
@@ -127,20 +135,28 @@ def run_train(args: argparse.Namespace) -> int:
         regularization = {"regularizer": "l2", "reg_lambda": args.l2}
     sparse = " (sparse embeddings)" if args.sparse_embeddings else ""
     lam = "" if regularizer is None else f" lambda {regularization['reg_lambda']:g}"
-    print(f"fastdin train: DIN pooling={args.pooling} backend={args.backend} device={device}, "
+    if ranks is not None:
+        model, train_stream = ranks.wrap(model), ranks.shard(train_stream)
+    log(f"fastdin train: DIN pooling={args.pooling} backend={args.backend} device={device}, "
           f"{args.train_size} train rows x {args.epochs} epochs, {args.test_size} test rows, "
           f"optimizer {args.optimizer}{sparse}, regularizer {regularization['regularizer']}{lam}")
     try:
         metrics = train(
             model, train_stream, data.stream("test", args.test_size, TEST_BATCH_SIZE),
             epochs=args.epochs, lr=args.lr, device=device, optimizer=args.optimizer,
-            after_backward=regularizer, progress=not args.no_progress,
+            after_backward=regularizer, progress=not args.no_progress and log is print, log=log,
         )
     except NotImplementedError as error:  # backend="triton" where no kernel covers the case
         args.parser.error(str(error))
     metrics.update(pooling=args.pooling, backend=args.backend, seed=args.seed, batch_size=args.batch_size,
                    user_features=args.user_features, train_size=args.train_size, test_size=args.test_size,
                    lr=args.lr, optimizer=args.optimizer, sparse_embeddings=args.sparse_embeddings, **regularization)
+    if ranks is not None:
+        metrics, model = ranks.reduce_metrics(metrics, model), distributed.unwrap(model)
+        if not ranks.is_main:  # checkpoint and metrics come from rank 0 only
+            ranks.close()
+            return 0
+    metrics.setdefault("world_size", 1)
     print(f"test AUC {metrics['test_auc']:.4f}, test logloss {metrics['test_logloss']:.4f}, "
           f"wall time {metrics['wall_time_s']:.1f} s")
     if args.save is not None:
@@ -154,6 +170,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.metrics_out is not None:
         args.metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote the metrics to {args.metrics_out}")
+    if ranks is not None:
+        ranks.close()
     return 0
 
 
@@ -236,8 +254,48 @@ def add_bench(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# fastdin export
 
-SUBCOMMANDS = [add_train, add_info, add_bench]
+
+def add_export(subparsers) -> None:
+    from fastdin.export import FORMATS
+
+    p = subparsers.add_parser("export", help="export a checkpoint of `fastdin train --save` for serving",
+                              description="Export a trained DIN (a checkpoint of `fastdin train --save`) as ONNX, "
+                                          "a torch.export program, an AOTInductor package or a TorchScript trace "
+                                          "(see fastdin.export).")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the file `fastdin train --save` wrote")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="the artefact to write (.onnx; .pt2 for torch-export and aoti)")
+    p.set_defaults(run=run_export, parser=p)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fastdin.export import export
+
+    if not args.checkpoint.is_file():
+        args.parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if not args.out.parent.is_dir():
+        args.parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    saved = torch.load(args.checkpoint, map_location="cpu")
+    if not isinstance(saved, dict) or not {"state_dict", "model_config"} <= set(saved):
+        args.parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint of `fastdin train --save` "
+                          "(a dict with state_dict and model_config)")
+    model = DIN(**saved["model_config"])
+    model.load_state_dict(saved["state_dict"])
+    example = None
+    if "data_config" in saved:  # trace with the training data's own batch layout
+        data_config = SyntheticConfig(**saved["data_config"])
+        example = SyntheticDIN(data_config).batch("test", 0, data_config.max_history + 1)
+    export(model, args.format, args.out, example)
+    print(f"wrote {args.format} to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS = [add_train, add_info, add_bench, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,6 +68,14 @@ class DIN(nn.Module):
                 ids[f"user_{field}"] = batch["user_sparse"][:, field]
         return ids
 
+    def score_candidates(self, user_batch: Mapping[str, Tensor], candidate_items: Tensor,
+                         candidate_categories: Tensor) -> Tensor:
+        """Logits [N] of one user (user_batch: a batch of one row, no item/category needed) for N
+        candidates, in eval mode, without copying the history N times; see `fastdin.serving`."""
+        from fastdin.serving import score_candidates
+
+        return score_candidates(self, user_batch, {"item": candidate_items, "category": candidate_categories})
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         for name in ("item", "category", "hist_items", "hist_categories", "lengths"):
             if name not in batch:

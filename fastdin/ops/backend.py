@@ -42,6 +42,8 @@ def checking_values(t: Tensor) -> bool:
     """Whether to check the values of t now: on, and not while tracing or capturing a graph."""
     if not _value_checks or torch.compiler.is_compiling() or t.is_meta:  # meta tensors have no values
         return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # .item() would freeze this batch's values
+        return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
