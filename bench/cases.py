@@ -109,24 +109,19 @@ class DeepCTRAttention(nn.Module):
         super().__init__()
         from deepctr_torch.layers import AttentionSequencePoolingLayer
 
+        from fastdin.integrations.deepctr_torch import DeepCTRAttentionPooling
+
         hidden = [m.out_features for m in pool.mlp.linears]
         self.layer = AttentionSequencePoolingLayer(
             att_hidden_units=hidden, att_activation=pool.mlp.activation,
             weight_normalization=pool.normalization == "softmax", embedding_dim=pool.embed_dim,
         )
-        unit = self.layer.local_att
-        with torch.no_grad():
-            for theirs, ours in zip(unit.dnn.linears, pool.mlp.linears):
-                theirs.load_state_dict(ours.state_dict())
-            unit.dense.load_state_dict(pool.score.state_dict())
-            for theirs, ours in zip(unit.dnn.activation_layers, pool.mlp.activations):
-                if isinstance(ours, Dice):
-                    theirs.alpha.copy_(ours.alpha.reshape(theirs.alpha.shape))
-                    theirs.bn.running_mean.copy_(ours.running_mean)
-                    theirs.bn.running_var.copy_(ours.running_var)
-                    theirs.bn.momentum = ours.momentum
-                elif isinstance(ours, nn.PReLU):
-                    theirs.weight.copy_(ours.weight)
+        # the adapter's view shares the layer's modules: loading fastdin's weights into it fills the layer
+        loaded = DeepCTRAttentionPooling(self.layer).pool.load_state_dict(pool.state_dict(), strict=False)
+        assert not loaded.unexpected_keys, loaded.unexpected_keys  # only a non-affine Dice's bn weight/bias stay 1/0
+        for theirs in self.layer.local_att.dnn.activation_layers:
+            if hasattr(theirs, "bn"):
+                theirs.bn.momentum = pool.mlp.activations[0].momentum
         self.layer.to(pool.score.weight.device)
 
     def forward(self, query: Tensor, keys: Tensor, lengths: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""The `fastdin` command line: `fastdin train`, `fastdin info`, `fastdin bench`, `fastdin export`.
+"""The `fastdin` command line: `fastdin train`, `evaluate`, `predict`, `info`, `bench`, `export`.
 
 Each subcommand is a function that adds its parser to the subparsers and sets `run` (a function
 of the parsed args returning the exit code); add a new one to `SUBCOMMANDS`.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import fastdin
-from fastdin import distributed, functional
+from fastdin import cli_data, distributed, functional
 from fastdin.data import SyntheticConfig, SyntheticDIN
 from fastdin.layers import AttentionPooling
 from fastdin.model import DIN, POOLINGS
@@ -44,9 +44,9 @@ TEST_BATCH_SIZE = 1024  # fixed: a stream's rows depend on its batch size, and t
 
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train DIN on synthetic click data and report test AUC and logloss",
-        description="Train DIN on synthetic click data with planted user interests (fastdin.data). "
-                    "The defaults take under a minute on a 2-core CPU.",
+        "train", help="train DIN on synthetic click data or data files (--data) and report test AUC and logloss",
+        description="Train DIN on synthetic click data with planted user interests (fastdin.data; the defaults "
+                    "take under a minute on a 2-core CPU), or on data files: --data FORMAT --path PATH.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--pooling", choices=POOLINGS, default="attention",
@@ -83,6 +83,7 @@ def add_train(subparsers) -> None:
     p.add_argument("--save", type=Path, metavar="PATH", help="save the model's state dict and config (torch.save)")
     p.add_argument("--metrics-out", type=Path, metavar="FILE", help="write the final metrics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_data.add_data_arguments(p)
     p.set_defaults(run=run_train, parser=p)
 
 
@@ -102,6 +103,8 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 
 def run_train(args: argparse.Namespace) -> int:
     device = _device(args.parser, args.device)
+    if args.data != "synthetic":
+        return cli_data.run_train_files(args, device)
     for flag, path in (("--save", args.save), ("--metrics-out", args.metrics_out)):
         if path is not None and not path.parent.is_dir():  # fail now, not after the training
             args.parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
@@ -145,6 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
             model, train_stream, data.stream("test", args.test_size, TEST_BATCH_SIZE),
             epochs=args.epochs, lr=args.lr, device=device, optimizer=args.optimizer,
             after_backward=regularizer, progress=not args.no_progress and log is print, log=log,
+            threads=args.threads,
         )
     except NotImplementedError as error:  # backend="triton" where no kernel covers the case
         args.parser.error(str(error))
@@ -295,7 +299,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_train, add_info, add_bench, add_export]
+SUBCOMMANDS = [add_train, cli_data.add_evaluate, cli_data.add_predict, add_info, add_bench, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,9 @@ class Dice(nn.Module):
                           self.training, self.momentum, self.eps)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[-1] != self.num_features):
+            raise ValueError(f"Dice({self.num_features}) takes x of shape [N, {self.num_features}] or "
+                             f"[B, T, {self.num_features}], got {list(x.shape)}")
         if self.training:
             self.num_batches_tracked.add_(1)
         return functional.dice(
@@ -63,6 +66,20 @@ class Dice(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
 
 
+def check_hidden_units(name: str, hidden_units) -> tuple:
+    """hidden_units as a tuple of positive ints, or a ValueError/TypeError naming `name`."""
+    if isinstance(hidden_units, (int, str)) or not hasattr(hidden_units, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of layer sizes such as (80, 40), got {hidden_units!r}")
+    sizes = tuple(hidden_units)
+    if not sizes:
+        raise ValueError(f"{name} must name at least one layer size, got ()")
+    for h in sizes:
+        is_int = isinstance(h, int) or (hasattr(h, "__index__") and not isinstance(h, float))
+        if isinstance(h, bool) or not is_int or int(h) < 1:
+            raise ValueError(f"{name} must hold positive integer sizes, got {sizes}")
+    return tuple(int(h) for h in sizes)
+
+
 def make_activation(activation: str, features: int, backend: Optional[str] = None, dice_affine: bool = False) -> nn.Module:
     if activation == "sigmoid":
         return nn.Sigmoid()
@@ -81,11 +98,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, hidden_units: Sequence[int], activation: str = "relu",
                  dropout: float = 0.0, backend: Optional[str] = None, dice_affine: bool = False):
         super().__init__()
-        hidden_units = tuple(hidden_units)
-        if not hidden_units:
-            raise ValueError("hidden_units must name at least one layer size, got ()")
-        if any(int(h) < 1 for h in hidden_units):
-            raise ValueError(f"hidden_units must be positive sizes, got {hidden_units}")
+        hidden_units = check_hidden_units("hidden_units", hidden_units)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         sizes = (in_features,) + hidden_units

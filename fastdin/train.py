@@ -77,11 +77,28 @@ def train(
     after_backward: Optional[Callable[[nn.Module, Batch], None]] = None,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = print,
+    threads: Union[int, str, None] = "auto",
+    on_epoch: Optional[Callable[[Dict[str, float], nn.Module, List[torch.optim.Optimizer]], bool]] = None,
+    start_epoch: int = 1,
+    optimizer_state: Optional[List[dict]] = None,
+    eval_name: str = "test",
 ) -> Dict[str, object]:
     """Train `model` and evaluate it on the test batches after every epoch.
 
-    train_batches and test_batches must be re-iterable (a list, or `SyntheticDIN.stream`). Each
-    batch is a dict of tensors with a float "label"; the model maps a batch to logits.
+    train_batches and test_batches must be re-iterable: a list, `SyntheticDIN.stream`,
+    `fastdin.data.Samples.batches`, or a torch `DataLoader` whose batches are dicts of tensors (its
+    default collate makes them from a Dataset of per-row dicts). Each batch has a float "label"; the
+    model maps a batch to logits.
+
+    threads: torch CPU threads while training. "auto" (the default) uses 1 on a CPU device and
+    restores torch's setting afterwards: DIN's per-batch ops are small, and on a small or busy CPU
+    more threads were seen to run several times slower (the CLI's `--threads` defaults to 1 for the
+    same reason). An int sets that many; None leaves torch's setting alone.
+
+    on_epoch(record, model, optimizers), if given, runs after each epoch's evaluation (record as in
+    "epochs" below); returning True stops the training (early stopping). start_epoch and
+    optimizer_state (the optimizers' state dicts) resume a run. eval_name names the
+    evaluated batches in the log ("validation" when they are a validation split).
     after_backward(model, batch) runs after `loss.backward()` and before the optimizer step, with
     the batch on the device (e.g. to add a regularizer's gradient). optimizer: "adam", "sgd" or
     "adagrad" (see `make_optimizers`).
@@ -92,12 +109,33 @@ def train(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if not 1 <= start_epoch <= epochs:
+        raise ValueError(f"start_epoch must lie in [1, epochs] = [1, {epochs}], got {start_epoch}")
     device = auto_device() if device is None else torch.device(device)
     model.to(device)
     optimizers = make_optimizers(model, lr, optimizer)
+    if optimizer_state is not None:
+        if len(optimizer_state) != len(optimizers):
+            raise ValueError(f"optimizer_state holds {len(optimizer_state)} states for {len(optimizers)} optimizers")
+        for opt, state in zip(optimizers, optimizer_state):
+            opt.load_state_dict(state)
+    if threads == "auto":
+        threads = 1 if device.type == "cpu" else None
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _train_epochs(model, train_batches, test_batches, epochs, device, optimizers, after_backward,
+                             progress, log, on_epoch, start_epoch, eval_name)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_epochs(model, train_batches, test_batches, epochs, device, optimizers, after_backward, progress, log,
+                  on_epoch, start_epoch, eval_name):
     per_epoch: List[Dict[str, float]] = []
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start_epoch, epochs + 1):
         model.train()
         loss_sum, rows = 0.0, 0
         bar = tqdm(train_batches, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
@@ -122,7 +160,9 @@ def train(
                           "test_auc": metrics["auc"], "test_logloss": metrics["logloss"]})
         if log is not None:
             log(f"epoch {epoch}/{epochs}: train loss {loss_sum / rows:.4f}, "
-                f"test AUC {metrics['auc']:.4f}, test logloss {metrics['logloss']:.4f}")
+                f"{eval_name} AUC {metrics['auc']:.4f}, {eval_name} logloss {metrics['logloss']:.4f}")
+        if on_epoch is not None and on_epoch(per_epoch[-1], model, optimizers):
+            break
     return {
         "test_auc": per_epoch[-1]["test_auc"],
         "test_logloss": per_epoch[-1]["test_logloss"],

@@ -307,7 +307,6 @@ def din_batch():
     ("user_sparse", torch.ones(3, 1), TypeError, "batch['user_sparse'] holds ids"),
     ("lengths", torch.tensor([2.0, 1.0, 3.0]), TypeError, "lengths must be an integer"),
     ("lengths", torch.tensor([2, 1, 4]), ValueError, "lengths must lie in [0, T]"),
-    ("lengths", None, ValueError, "batch is missing 'lengths'"),
     ("item", None, ValueError, "batch is missing 'item'"),
 ])
 def test_din_rejects_bad_batches(pooling, field, value, error, words):

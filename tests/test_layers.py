@@ -1,5 +1,5 @@
 """The modules: Dice against nn.BatchNorm1d and DeepCTR-Torch's Dice, AttentionPooling against the
-reference and a DeepCTR-Torch-style local activation unit written here, and MLP."""
+reference and DeepCTR-Torch's own local activation unit (when installed), and MLP."""
 import pytest
 import torch
 from torch import nn
@@ -183,49 +183,17 @@ def test_attention_matches_reference(activation, training, affine, normalization
             assert training != torch.equal(layer.running_mean, torch.zeros_like(layer.running_mean))
 
 
-class DeepCTRAttention(nn.Module):
-    """DeepCTR-Torch's LocalActivationUnit + AttentionSequencePoolingLayer, as that library writes them."""
-
-    def __init__(self, hidden, dim, activation, weight_normalization=False):
-        super().__init__()
-        sizes = [4 * dim, *hidden]
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.activations = nn.ModuleList(nn.Sigmoid() if activation == "sigmoid" else DeepCTRDice(h, dim=3)
-                                         for h in hidden)
-        self.dense = nn.Linear(hidden[-1], 1)
-        self.weight_normalization = weight_normalization
-
-    def forward(self, query, keys, keys_length):  # [B, 1, D], [B, T, D], [B, 1]
-        batch, seq_len, _ = keys.shape
-        queries = query.expand(-1, seq_len, -1)
-        x = torch.cat([queries, keys, queries - keys, queries * keys], dim=-1)
-        for linear, act in zip(self.linears, self.activations):
-            x = act(linear(x))
-        scores = self.dense(x).transpose(1, 2)  # [B, 1, T]
-        masks = (torch.arange(seq_len).repeat(batch, 1) < keys_length.view(-1, 1)).unsqueeze(1)
-        padding = torch.full_like(scores, -2 ** 32 + 1) if self.weight_normalization else torch.zeros_like(scores)
-        scores = torch.where(masks, scores, padding)
-        if self.weight_normalization:
-            scores = torch.softmax(scores, dim=-1)
-        return torch.matmul(scores, keys)  # [B, 1, D]
-
-
-def _copy_deepctr_weights(theirs: DeepCTRAttention, ours: AttentionPooling):
-    state = {}
-    for i, linear in enumerate(theirs.linears):
-        state[f"mlp.linears.{i}.weight"], state[f"mlp.linears.{i}.bias"] = linear.weight, linear.bias
-    for i, act in enumerate(theirs.activations):
-        state.update({f"mlp.activations.{i}.{k}": v for k, v in act.state_dict().items()})
-    state["score.weight"], state["score.bias"] = theirs.dense.weight, theirs.dense.bias
-    ours.load_state_dict(state)  # strict: every tensor of ours is set
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ["sigmoid", "dice"])
 @pytest.mark.parametrize("normalization", [None, "softmax"])
 def test_attention_matches_deepctr_local_activation_unit(activation, normalization, training):
+    pytest.importorskip("deepctr_torch", reason="deepctr-torch is not installed (tests/requirements-peers.txt)")
+    from deepctr_torch.layers import AttentionSequencePoolingLayer
+
+    from fastdin.integrations.deepctr_torch import DeepCTRAttentionPooling
+
     dim, hidden = 5, (8, 4)
-    theirs = DeepCTRAttention(hidden, dim, activation, weight_normalization=normalization == "softmax").double()
+    theirs = AttentionSequencePoolingLayer(hidden, activation, normalization == "softmax", embedding_dim=dim).double()
     with torch.no_grad():
         for name, t in theirs.state_dict().items():
             if name.endswith("alpha") or name.endswith("bn.bias") or name.endswith("running_mean"):
@@ -233,13 +201,13 @@ def test_attention_matches_deepctr_local_activation_unit(activation, normalizati
             elif name.endswith("running_var"):
                 t.uniform_(0.5, 1.5)
     ours = AttentionPooling(dim, hidden, activation, normalization, dice_stats="all", dice_affine=True).double()
-    _copy_deepctr_weights(theirs, ours)
+    ours.load_state_dict(DeepCTRAttentionPooling(theirs).pool.state_dict())  # strict: every tensor of ours is set
     theirs.train(training), ours.train(training)
     query, keys, _ = _inputs(dim=dim)
     lengths = torch.tensor([[6], [2], [3], [1]])  # DeepCTR-Torch gives empty rows uniform softmax weights
     torch.testing.assert_close(ours(query.unsqueeze(1), keys, lengths), theirs(query.unsqueeze(1), keys, lengths))
     if activation == "dice":
-        for a, b in zip(ours.mlp.activations, theirs.activations):
+        for a, b in zip(ours.mlp.activations, theirs.local_att.dnn.activation_layers):
             torch.testing.assert_close(a.running_mean, b.bn.running_mean)
             torch.testing.assert_close(a.running_var, b.bn.running_var)
 
