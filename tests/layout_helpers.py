@@ -17,6 +17,9 @@ from fastdin.reference import DiceParams
 ATTENTION_LAYOUTS = ("contiguous", "weight_slice", "weight_transposed", "params_strided", "mask_strided",
                      "lengths_strided",
                      "query_expanded", "keys_expanded", "keys_strided", "grad_stride0", "grad_strided")
+# jagged keys [N, D] with offsets [B + 1] (the valid rows of the padded keys, user by user), plain or
+# a column slice of a wider tensor; scores and the keys' gradient then come back as [N] and [N, D]
+JAGGED_LAYOUTS = ("jagged", "jagged_strided")
 
 
 @dataclass
@@ -103,7 +106,17 @@ def lay_out(values, layout: str, dtype, requires_grad: bool = True):
         query = leaf(q[:1]).expand(B, D)
     else:
         query = leaf(q)
-    if layout == "keys_expanded":
+    valid = None
+    if layout in JAGGED_LAYOUTS:
+        valid = torch.arange(T, device=k.device) < values["lengths"][:, None]
+        rows = k[valid]
+        if layout == "jagged_strided":
+            wide = torch.randn(rows.shape[0], D + 3, dtype=dtype, device=k.device)
+            wide[:, 1:D + 1] = rows.to(dtype)
+            keys = wide.requires_grad_(requires_grad)[:, 1:D + 1]
+        else:
+            keys = leaf(rows)
+    elif layout == "keys_expanded":
         keys = leaf(k[:1]).expand(B, T, D)
     elif layout == "keys_strided":
         wide = torch.randn(B, 2 * T, D + 3, dtype=dtype, device=k.device)
@@ -136,7 +149,9 @@ def lay_out(values, layout: str, dtype, requires_grad: bool = True):
         wide = torch.rand(B, 2 * T, device=mask.device) < 0.5
         wide[:, ::2] = mask
         inputs["mask"] = wide[:, ::2] if layout == "mask_strided" else mask.clone()
-    if "lengths" in values:
+    if valid is not None:
+        inputs["offsets"] = torch.nn.functional.pad(values["lengths"].cumsum(0), (1, 0))
+    elif "lengths" in values:
         lengths = values["lengths"]
         if layout == "lengths_strided":
             table = torch.full((B, 2), T, dtype=lengths.dtype, device=lengths.device)  # junk column: T
@@ -152,8 +167,20 @@ def lay_out(values, layout: str, dtype, requires_grad: bool = True):
         wide[:, ::2] = grad_out
         grad_out = wide[:, ::2]
         grad_scores = grad_scores.t().contiguous().t()
+    if valid is not None:
+        grad_scores = grad_scores[valid]
     inputs["grad_out"], inputs["grad_scores"] = grad_out, grad_scores
     return inputs, trainable
+
+
+def as_jagged(result, values):
+    """A padded run's [out, scores [B, T], dquery, dkeys [B, T, D], ...] with the scores and the keys'
+    gradient taken at the valid positions, user by user, as a jagged run returns them."""
+    lengths = values["lengths"]
+    valid = torch.arange(values["keys"].shape[1], device=lengths.device) < lengths[:, None]
+    result = list(result)
+    result[1], result[3] = result[1][valid], result[3][valid]
+    return result
 
 
 def attention_act_params(setup: AttentionSetup, inputs):
@@ -173,7 +200,7 @@ def run_attention(setup: AttentionSetup, inputs, trainable, backend, call=None):
     fastdin.functional.attention_pool with `backend`."""
     from fastdin import functional
 
-    positions = {name: inputs[name] for name in ("lengths", "mask") if name in inputs}
+    positions = {name: inputs[name] for name in ("lengths", "mask", "offsets") if name in inputs}
     act_params = attention_act_params(setup, inputs)
     if call is None:
         out, scores = functional.attention_pool(

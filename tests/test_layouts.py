@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import DEVICES
 from test_dice_kernel import _poison_allocations  # noqa: F401 (autouse: NaN-filled Dice allocations)
-from layout_helpers import (ATTENTION_LAYOUTS, AttentionSetup, assert_within_policy, attention_values, lay_out,
-                            run_attention, score_bias_position)
+from layout_helpers import (ATTENTION_LAYOUTS, JAGGED_LAYOUTS, AttentionSetup, as_jagged, assert_within_policy,
+                            attention_values, lay_out, run_attention, score_bias_position)
 
 from fastdin import functional
 from fastdin.kernels import attention_pool as attention_kernels
+from fastdin.ops import attention as attention_ops
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -38,6 +39,26 @@ def test_attention_layout(setup, layout, backend, device):
     values = attention_values(setup, layout, device)
     want = run_attention(setup, *lay_out(values, "contiguous", torch.float64), "reference")
     same_dtype = run_attention(setup, *lay_out(values, "contiguous", torch.float32), "reference")
+    got = run_attention(setup, *lay_out(values, layout, torch.float32), backend)
+    assert_within_policy(got, want, same_dtype, torch.float32, score_bias_position(setup),
+                         f"({setup}, {layout}, {backend})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", JAGGED_LAYOUTS)
+@pytest.mark.parametrize("setup", SETUPS, ids=str)
+def test_attention_jagged_layout(setup, layout, backend, device):
+    """Jagged keys [N, D] + offsets against the padded float64 reference of the same rows."""
+    if not hasattr(attention_ops, "JAGGED"):
+        pytest.skip("no jagged input (fastdin.packed) on this branch yet")
+    if backend not in attention_ops.JAGGED:
+        with pytest.raises(NotImplementedError, match="jagged"):
+            run_attention(setup, *lay_out(attention_values(setup, layout, device), layout, torch.float32), backend)
+        return
+    values = attention_values(setup, layout, device)
+    want = as_jagged(run_attention(setup, *lay_out(values, "contiguous", torch.float64), "reference"), values)
+    same_dtype = as_jagged(run_attention(setup, *lay_out(values, "contiguous", torch.float32), "reference"), values)
     got = run_attention(setup, *lay_out(values, layout, torch.float32), backend)
     assert_within_policy(got, want, same_dtype, torch.float32, score_bias_position(setup),
                          f"({setup}, {layout}, {backend})")
