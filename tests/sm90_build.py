@@ -41,6 +41,8 @@ class Build(NamedTuple):
     registers: int  # per thread, from ptxas -v
     spill_stores: int  # bytes, from ptxas -v
     spill_loads: int
+    wgmma: int = 0  # wgmma.mma_async instructions in the PTX (sm_90 warpgroup MMAs)
+    mma_sync: int = 0  # mma.sync instructions (the older, warp-level MMAs)
 
 
 def toolchain_missing() -> Optional[str]:
@@ -126,7 +128,9 @@ def compile_launch(launch: Launch) -> Build:
         compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
                                   options=options.__dict__)
         usage = _ptxas_usage(compiled.asm["ptx"], sm_arch_from_capability(target.arch))
-        _BUILT[key] = usage._replace(shared=compiled.metadata.shared)
+        ptx = compiled.asm["ptx"]
+        _BUILT[key] = usage._replace(shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                                     mma_sync=ptx.count("mma.sync"))
     return _BUILT[key]
 
 
@@ -178,6 +182,7 @@ def main(argv: List[str]) -> None:
         results[case] = {k: b._asdict() if isinstance(b, Build) else {"error": b} for k, b in builds.items()}
         for kernel, b in builds.items():
             usage = (f"shared {b.shared:6d} B  registers {b.registers:3d}  spills {b.spill_stores}/{b.spill_loads} B"
+                     f"  wgmma {b.wgmma}  mma.sync {b.mma_sync}"
                      if isinstance(b, Build) else "FAILED: " + b.splitlines()[0])
             print(f"{case:40s} {kernel:26s} {usage}", file=sys.stderr)
     print(json.dumps({"cases": results, "seconds": seconds}))

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastdin import reference
+from fastdin.ops import attention_packed
 from fastdin.ops.backend import HAS_TRITON, checking_values, choose_backend
 from fastdin.ops.checks import (check_activation, check_positions, require_dice_rows, require_float,
                                 require_same_device, require_tensor)
@@ -289,7 +290,11 @@ def _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, ma
 
 def _attention_pool_triton(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
                            return_scores, dice_stats):
-    """Run the fused kernel (inputs already checked); returns (out [B, D], scores [B, T] or None)."""
+    """Run the fused kernel (inputs already checked); returns (out [B, D], scores [B, T] or None).
+    The packed-rows kernels where they cover the case, else the per-user ones."""
+    if attention_packed.packed_gap(keys, weights, activation, act_params) is None:
+        return attention_packed.attention_pool_packed(query, keys, weights, biases, activation, act_params, lengths,
+                                                      mask, normalization, return_scores)
     if keys.is_cuda and torch.is_autocast_enabled("cuda"):
         # run in the autocast dtype; the kernel reads the weights as they are and converts them
         dtype = torch.get_autocast_dtype("cuda")

@@ -1,0 +1,231 @@
+"""The "triton" implementation of attention pooling on packed rows (fastdin.kernels.attention_packed):
+which cases it covers, its autograd.Function (eager) and its torch.library custom ops (torch.compile,
+export).
+
+`fastdin.ops.attention` dispatches here for the cases `packed_gap` admits and keeps the per-user
+kernels (fastdin.kernels.attention_pool) for the rest: training-mode Dice, and first layers too wide
+for a program's shared memory. Inputs arrive checked.
+"""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+H200_SHARED_BYTES = 232448  # the most shared memory one block may use on an H100/H200 (227 KiB)
+
+
+_KERNELS = []
+
+
+def _kernels():
+    # lazy: triton may be missing, and TRITON_INTERPRET must be set before the kernels are defined;
+    # kept once imported (an import statement per call costs about 20 us of import machinery)
+    if not _KERNELS:
+        from fastdin.kernels import attention_packed
+
+        _KERNELS.append(attention_packed)
+    return _KERNELS[0]
+
+
+def _block(n: int) -> int:
+    return max(16, 1 << max(n - 1, 0).bit_length())
+
+
+def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
+    """Bytes of shared memory the backward program (the larger) needs on sm_90: its weights held in
+    the compute dtype in two layouts (forward and backward operands). A fit to ptxas builds for sm_90
+    (bf16 D=32 80/40: 86016 B; D=64 256/128/64: 270336 B), taking the larger ratio of the two."""
+    blocks = [_block(h) for h in hidden]
+    elements = 3 * _block(dim) * blocks[0] + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
+    return int(2.1 * elements * (4 if dtype == torch.float32 else 2))
+
+
+def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
+    """None when the packed kernels cover this case (after fastdin.ops.attention's own gap), else why not."""
+    if activation == "dice" and any(p.training for p in act_params):
+        return "training-mode Dice (batch statistics) runs on the per-user kernels"
+    if keys.is_cuda and keys.dtype == torch.float32:
+        # sm_90 builds of the fp32 variants spill tens of KB per thread (ieee products run on FMAs;
+        # tf32x3 needs 400 KB of shared memory): the per-user kernels stay until that is fixed
+        return "float32 on CUDA runs on the per-user kernels"
+    hidden = tuple(w.shape[0] for w in weights[:-1])
+    limit = H200_SHARED_BYTES
+    if keys.is_cuda:
+        limit = getattr(torch.cuda.get_device_properties(keys.device), "shared_memory_per_block_optin", limit)
+    if shared_memory_estimate(keys.shape[-1], hidden, keys.dtype) > limit:
+        return f"D = {keys.shape[-1]} with hidden sizes {list(hidden)} needs more shared memory than {limit} B"
+    return None
+
+
+def _act_tensors(activation: str, act_params):
+    """(per-layer tensor count, flat act tensors, Dice eps, Dice affine) for the launchers."""
+    if activation == "prelu":
+        return 1, [p.reshape(-1) for p in act_params], 0.0, False
+    if activation != "dice":
+        return 0, [], 0.0, False
+    affine = act_params[0].weight is not None
+    flat = []
+    for p in act_params:
+        flat += [p.alpha.reshape(-1), p.running_mean, p.running_var]
+        if affine:
+            flat += [p.weight.reshape(-1), p.bias.reshape(-1)]
+    return (5 if affine else 3), flat, float(act_params[0].eps), affine
+
+
+def _per_layer(flat: Sequence[Tensor], per_layer: int, layers: int):
+    return [list(flat[i * per_layer:(i + 1) * per_layer]) for i in range(layers)] if per_layer else []
+
+
+def _trainable(activation: str, per_layer: int):
+    """Which positions of a layer's act tensors get a gradient (not Dice's running statistics)."""
+    return [i for i in range(per_layer) if activation == "prelu" or i in (0, 3, 4)]
+
+
+def _forward(query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps, dice_affine,
+             softmax, return_scores, per_layer):
+    kernels = _kernels()
+    rows = kernels.PackedRows(source, positions, jagged)
+    out, scores, lse = kernels.packed_attention_forward(
+        query, keys, weights, biases, _per_layer(act_flat, per_layer, len(weights) - 1), rows, activation, dice_eps,
+        dice_affine, softmax, return_scores)
+    empty = keys.new_empty(0)
+    return out, scores if scores is not None else empty, lse if lse is not None else empty.float()
+
+
+def _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged, out, scores,
+              lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer):
+    """[dquery, dkeys, *dweights, *dbiases, *d(trainable act tensors)]."""
+    kernels = _kernels()
+    if grad_out is None:  # only the scores were used
+        grad_out = torch.zeros_like(out)
+    rows = kernels.PackedRows(source, positions, jagged)
+    return kernels.packed_attention_backward(
+        grad_out, grad_scores if return_scores else None, query, keys, weights, biases,
+        _per_layer(act_flat, per_layer, len(weights) - 1), rows, out, scores if return_scores else None,
+        lse if softmax else None, activation, dice_eps, dice_affine, softmax)
+
+
+class _PackedAttentionFunction(torch.autograd.Function):
+    """The eager path: the launchers behind an autograd.Function (a custom op's dispatch costs several
+    times its host time per call, bench/dispatch_overhead.py)."""
+
+    @staticmethod
+    def forward(ctx, query, keys, source, positions, jagged, activation, dice_eps, dice_affine, softmax,
+                return_scores, layers, per_layer, *tensors):
+        weights, biases, act_flat = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
+        out, scores, lse = _forward(query, keys, weights, biases, act_flat, source, positions, jagged, activation,
+                                    dice_eps, dice_affine, softmax, return_scores, per_layer)
+        ctx.save_for_backward(query, keys, source, positions, out, scores, lse, *tensors)
+        ctx.static = (jagged, activation, dice_eps, dice_affine, softmax, return_scores, layers, per_layer)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        return out, scores, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_scores, _grad_lse):
+        query, keys, source, positions, out, scores, lse, *tensors = ctx.saved_tensors
+        jagged, activation, dice_eps, dice_affine, softmax, return_scores, layers, per_layer = ctx.static
+        weights, biases, act_flat = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
+        grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged,
+                          out, scores, lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
+        return (grads[0], grads[1]) + (None,) * 10 + tuple(grads[2:2 + 2 * layers]) + _act_grads(
+            grads[2 + 2 * layers:], activation, per_layer, layers - 1)
+
+
+def _act_grads(trained, activation, per_layer, layers):
+    """Gradients for every act tensor in order: None for Dice's running statistics."""
+    trained = iter(trained)
+    keep = set(_trainable(activation, per_layer))
+    return tuple(next(trained) if i % per_layer in keep else None for i in range(per_layer * layers))
+
+
+@torch.library.custom_op("fastdin::packed_attention_pool", mutates_args=())
+def _packed_op(query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], act_flat: list[Tensor],
+               source: Tensor, positions: Optional[Tensor], jagged: bool, activation: str, dice_eps: float,
+               dice_affine: bool, softmax: bool, return_scores: bool, per_layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, D], scores (keys' layout without D) or empty, softmax log-sum-exp [B] fp32 or empty)."""
+    return _forward(query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps,
+                    dice_affine, softmax, return_scores, per_layer)
+
+
+@_packed_op.register_fake
+def _packed_fake(query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps,
+                 dice_affine, softmax, return_scores, per_layer):
+    out = keys.new_empty((query.shape[0], query.shape[1]))
+    scores = keys.new_empty(keys.shape[:-1] if return_scores else (0,))
+    lse = keys.new_empty((query.shape[0],) if softmax else (0,), dtype=torch.float32)
+    return out, scores, lse
+
+
+@torch.library.custom_op("fastdin::packed_attention_pool_backward", mutates_args=())
+def _packed_backward_op(grad_out: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
+                        weights: list[Tensor], biases: list[Tensor], act_flat: list[Tensor], source: Tensor,
+                        positions: Optional[Tensor], jagged: bool, out: Tensor, scores: Tensor, lse: Tensor,
+                        activation: str, dice_eps: float, dice_affine: bool, softmax: bool, return_scores: bool,
+                        per_layer: int) -> list[Tensor]:
+    grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged, out,
+                      scores, lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
+    # the weight gradients are views of one buffer; a custom op's outputs may not alias each other
+    return grads[:2] + [g.clone() for g in grads[2:]]
+
+
+@_packed_backward_op.register_fake
+def _packed_backward_fake(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged,
+                          out, scores, lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer):
+    grads = [query.new_empty(query.shape), keys.new_empty(keys.shape)]
+    grads += [t.new_empty(t.shape) for t in [*weights, *biases]]
+    keep = set(_trainable(activation, per_layer))
+    grads += [t.new_empty(t.shape) for i, t in enumerate(act_flat) if i % per_layer in keep]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    (query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps, dice_affine, softmax,
+     return_scores, per_layer) = inputs
+    out, scores, lse = output
+    ctx.save_for_backward(query, keys, source, positions, out, scores, lse, *weights, *biases, *act_flat)
+    ctx.static = (jagged, activation, dice_eps, dice_affine, softmax, return_scores, len(weights), per_layer)
+
+
+def _op_backward(ctx, grad_out, grad_scores, _grad_lse):
+    query, keys, source, positions, out, scores, lse, *tensors = ctx.saved_tensors
+    jagged, activation, dice_eps, dice_affine, softmax, return_scores, layers, per_layer = ctx.static
+    weights, biases, act_flat = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = _packed_backward_op(grad_out, grad_scores if return_scores else None, query, keys, list(weights),
+                                list(biases), list(act_flat), source, positions, jagged, out, scores, lse, activation,
+                                dice_eps, dice_affine, softmax, return_scores, per_layer)
+    trained = iter(grads[2 + 2 * layers:])
+    keep = set(_trainable(activation, per_layer))
+    dact = [next(trained) if i % per_layer in keep else None for i in range(len(act_flat))]
+    return (grads[0], grads[1], list(grads[2:2 + layers]), list(grads[2 + layers:2 + 2 * layers]), dact,
+            None, None, None, None, None, None, None, None, None)
+
+
+_packed_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def attention_pool_packed(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
+                          return_scores, offsets=None):
+    """Run the packed kernels on checked inputs; returns (out [B, D], scores or None). keys are padded
+    [B, T, D] with lengths or mask, or packed [N, D] with offsets [B+1]; scores have keys' layout
+    without D ([B, T] with zeros at the padding, or [N])."""
+    if keys.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")  # the kernels read the weights as they are
+        query, keys = query.to(dtype), keys.to(dtype)
+    query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]
+    rows = _kernels().packed_rows(lengths=lengths, mask=mask, offsets=offsets, batch=keys.shape[0],
+                                  seq_len=keys.shape[1] if keys.dim() == 3 else 0, device=keys.device)
+    per_layer, act_flat, dice_eps, dice_affine = _act_tensors(activation, act_params)
+    softmax = normalization == "softmax"
+    if torch.compiler.is_compiling():  # one opaque graph node
+        out, scores, _lse = _packed_op(query, keys, list(weights), list(biases), act_flat, rows.source,
+                                       rows.positions, rows.jagged, activation, dice_eps, dice_affine, softmax,
+                                       return_scores, per_layer)
+    else:
+        out, scores, _lse = _PackedAttentionFunction.apply(
+            query, keys, rows.source, rows.positions, rows.jagged, activation, dice_eps, dice_affine, softmax,
+            return_scores, len(weights), per_layer, *weights, *biases, *act_flat)
+    return out, (scores if return_scores else None)

@@ -1,0 +1,426 @@
+"""The packed-rows attention kernels (kernels/attention_packed.py) against the float64 reference:
+forward, scores and every gradient, through the launchers (no autograd).
+
+Under the interpreter every program instance costs about a millisecond, so batches are tiny and the
+program count and tile size are parameters: small tiles and several programs put one user's rows
+into several tiles, and users into several programs.
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import pytest
+import torch
+from attention_helpers import ATOL, LOW_DTYPES, relative_errors
+from conftest import DEVICES
+
+from fastdin import reference
+from fastdin.kernels import attention_packed as packed
+from fastdin.reference import DiceParams
+
+DEVICE = DEVICES[0]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every output and partial starts as NaN (-1 for integers): an element the kernels skip fails."""
+    monkeypatch.setattr(packed, "POISON_OUTPUTS", True)
+
+
+@dataclass
+class Case:
+    dim: int
+    hidden: Sequence[int]
+    activation: str = "sigmoid"
+    seq_len: int = 9
+    batch: int = 3
+    positions: str = "lengths"  # "lengths" | "mask" | "jagged" | "all"
+    softmax: bool = False
+    scores: bool = True
+    layout: str = "contiguous"  # "contiguous" | "strided" | "expanded" (padded input only)
+    shared_slope: bool = True
+    dice_affine: bool = False
+    block_m: int = 16
+    programs: int = 2
+    lengths: Optional[Sequence[int]] = None  # fixed lengths, else random in [0, T] with the last 0
+
+    def __str__(self):
+        return (f"D{self.dim}-H{'x'.join(map(str, self.hidden))}-{self.activation}-T{self.seq_len}-B{self.batch}-"
+                f"{self.positions}-{'softmax' if self.softmax else 'none'}-{self.layout}-M{self.block_m}-"
+                f"P{self.programs}")
+
+
+def make_inputs(case: Case):
+    """Fresh random float64 inputs: query, padded keys [B, T, D] (a view per layout), the valid mask,
+    weights, biases and activation parameters."""
+    B, T, D = case.batch, case.seq_len, case.dim
+    base = {"contiguous": (B, T, D), "strided": (B, 2 * T, D + 3), "expanded": (1, T, D)}[case.layout]
+    keys_base = torch.randn(base, dtype=torch.float64)
+    keys = {"contiguous": lambda k: k, "strided": lambda k: k[:, ::2, 1:D + 1],
+            "expanded": lambda k: k.expand(B, T, D)}[case.layout](keys_base)
+    if case.lengths is not None:
+        lengths = torch.tensor(case.lengths)
+    else:
+        lengths = torch.randint(0, T + 1, (B,))
+        lengths[-1] = 0  # a row with no valid position
+    if case.positions == "mask":
+        valid = torch.rand(B, T) < 0.6
+        valid[-1] = False
+    elif case.positions == "all":
+        valid = torch.ones(B, T, dtype=torch.bool)
+    else:
+        valid = torch.arange(T)[None, :] < lengths[:, None]
+    fan_in, weights, biases = 4 * D, [], []
+    for width in list(case.hidden) + [1]:
+        weights.append(torch.randn(width, fan_in, dtype=torch.float64) * (2.0 / fan_in) ** 0.5)
+        biases.append(torch.randn(width, dtype=torch.float64) * 0.5)
+        fan_in = width
+    acts = []
+    for h in case.hidden:
+        if case.activation == "prelu":
+            acts.append([torch.rand(1 if case.shared_slope else h, dtype=torch.float64) * 0.5])
+        elif case.activation == "dice":
+            layer = [torch.rand(h), torch.randn(h) * 0.3, torch.rand(h) + 0.5]
+            if case.dice_affine:
+                layer += [1 + 0.3 * torch.randn(h), 0.3 * torch.randn(h)]
+            acts.append([t.double() for t in layer])
+    return dict(query=torch.randn(B, D, dtype=torch.float64), keys=keys, valid=valid, lengths=lengths,
+                weights=weights, biases=biases, acts=acts)
+
+
+def reference_results(case: Case, x, grad_out, grad_scores, dtype=torch.float64):
+    """[out, scores [B, T], dquery, dkeys [B, T, D], *dweights, *dbiases, *dact], computed in dtype."""
+    leaves = [x["query"], x["keys"]] + x["weights"] + x["biases"]
+    trainable_acts = [t for layer in x["acts"] for i, t in enumerate(layer)
+                      if case.activation == "prelu" or i in (0, 3, 4)]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    acts = [t.detach().to(dtype).requires_grad_() for t in trainable_acts]
+    L = len(case.hidden)
+    query, keys, weights, biases = leaves[0], leaves[1], leaves[2:3 + L], leaves[3 + L:]
+    if case.activation == "prelu":
+        act_params = acts
+    elif case.activation == "dice":
+        per = 3 if case.dice_affine else 1
+        act_params = []
+        for i, layer in enumerate(x["acts"]):
+            a = acts[i * per:(i + 1) * per]
+            act_params.append(DiceParams(a[0], layer[1].to(dtype), layer[2].to(dtype), *(a[1:] if per == 3 else ()),
+                                         training=False, eps=1e-5))
+    else:
+        act_params = None
+    out, scores = reference.attention_pool(
+        query, keys, weights, biases, activation=case.activation, act_params=act_params, mask=x["valid"],
+        normalization="softmax" if case.softmax else None, return_scores=True)
+    loss = (out * grad_out.to(dtype)).sum() + ((scores * grad_scores.to(dtype)).sum() if case.scores else 0.0)
+    grads = torch.autograd.grad(loss, leaves + acts)
+    return [out, scores] + list(grads)
+
+
+def kernel_results(case: Case, x, dtype, grad_out, grad_scores, programs=None):
+    """The same list from the launchers, with padded or jagged input as the case says."""
+    query = x["query"].to(dtype)
+    weights = [w.to(dtype) for w in x["weights"]]
+    biases = [b.to(dtype) for b in x["biases"]]
+    acts = [[t.to(dtype) for t in layer] for layer in x["acts"]]
+    valid = x["valid"]
+    if case.positions == "jagged":
+        keys = x["keys"][valid].to(dtype)  # [N, D] packed
+        offsets = torch.zeros(case.batch + 1, dtype=torch.int64)
+        offsets[1:] = valid.sum(1).cumsum(0)
+        rows = packed.packed_rows(offsets=offsets)
+        g_scores = grad_scores[valid].to(dtype)
+    else:
+        keys = x["keys"].to(dtype)
+        if case.layout == "strided":
+            keys = torch.empty((case.batch, 2 * case.seq_len, case.dim + 3), dtype=dtype)[:, ::2, 1:case.dim + 1]
+            keys.copy_(x["keys"])
+        elif case.layout == "expanded":
+            keys = x["keys"][:1].to(dtype).expand_as(x["keys"])
+        if case.positions == "mask":
+            rows = packed.packed_rows(mask=valid)
+        elif case.positions == "all":
+            rows = packed.packed_rows(batch=case.batch, seq_len=case.seq_len)
+        else:
+            rows = packed.packed_rows(lengths=x["lengths"])
+        g_scores = grad_scores.to(dtype)
+    keys, query = keys.to(DEVICE), query.to(DEVICE)
+    rows = packed.PackedRows(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in rows))
+    weights = [w.to(DEVICE) for w in weights]
+    biases = [b.to(DEVICE) for b in biases]
+    acts = [[t.to(DEVICE) for t in layer] for layer in acts]
+    common = dict(block_m=case.block_m, num_programs=programs or case.programs)
+    out, scores, lse = packed.packed_attention_forward(
+        query, keys, weights, biases, acts, rows, case.activation, 1e-5, case.dice_affine, case.softmax, case.scores,
+        **common)
+    grads = packed.packed_attention_backward(
+        grad_out.to(dtype).to(DEVICE), g_scores.to(DEVICE) if case.scores else None, query, keys, weights, biases,
+        acts, rows, out, scores, lse, case.activation, 1e-5, case.dice_affine, case.softmax, **common)
+    if case.positions == "jagged":  # back to the padded layout of the reference
+        full = torch.zeros(case.batch, case.seq_len, dtype=dtype)
+        if scores is not None:
+            full[valid] = scores.cpu()
+            scores = full
+        dk = torch.zeros(case.batch, case.seq_len, case.dim, dtype=dtype)
+        dk[valid] = grads[1].cpu()
+        grads[1] = dk
+    elif case.layout == "expanded":
+        grads[1] = grads[1]  # the reference's keys are the expanded view too: its gradient is [B, T, D]
+    results = [out] + ([scores] if case.scores else []) + list(grads)
+    return [r.cpu() for r in results]
+
+
+def check(case: Case, dtype):
+    x = make_inputs(case)
+    grad_out = torch.randn(case.batch, case.dim, dtype=torch.float64)
+    grad_scores = torch.randn(case.batch, case.seq_len, dtype=torch.float64)
+    # the float64 reference from exactly the inputs the kernel sees (rounded to dtype)
+    rounded = dict(x, query=x["query"].to(dtype).double(), keys=x["keys"].to(dtype).double(),
+                   weights=[w.to(dtype).double() for w in x["weights"]],
+                   biases=[b.to(dtype).double() for b in x["biases"]],
+                   acts=[[t.to(dtype).double() for t in layer] for layer in x["acts"]])
+    want = reference_results(case, rounded, grad_out, grad_scores)
+    if not case.scores:
+        want.pop(1)
+    got = kernel_results(case, x, dtype, grad_out, grad_scores)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == dtype and g.shape == w.shape, (i, g.dtype, g.shape, w.shape)
+        assert torch.isfinite(g).all(), f"result {i}: a NaN (an unwritten poisoned element?) or inf"
+    errors = relative_errors(got, want)
+    if case.softmax:  # a shift of the scores does not change a softmax: the score bias gets an exact 0
+        bias_index = (2 if case.scores else 1) + 2 + 2 * len(case.hidden) + 1
+        assert got[bias_index].abs().max().item() < (1e-5 if dtype == torch.float32 else 1e-2)
+        errors[bias_index] = 0.0
+    # at most twice the error of the reference run in the same dtype, plus a floor (docs/design.md)
+    same = reference_results(case, rounded, grad_out, grad_scores, dtype)
+    if not case.scores:
+        same.pop(1)
+    bounds = [2 * e + ATOL[dtype] for e in relative_errors(same, want)]
+    for i, (err, bound) in enumerate(zip(errors, bounds)):
+        assert err <= bound, f"result {i}: relative error {err:.2e} > {bound:.2e} ({case}, {dtype})"
+
+
+CASES = [
+    Case(7, (5,), "sigmoid", seq_len=1, batch=2, lengths=[1, 0]),  # T = 1, a length 0
+    Case(13, (37, 5), "relu", seq_len=40, softmax=True, layout="strided", block_m=16),  # users over tiles
+    Case(7, (13, 5), "prelu", seq_len=20, positions="mask", softmax=True, scores=False),
+    Case(8, (16, 8, 5), "prelu", layout="expanded", shared_slope=False),
+    Case(7, (13, 5), "dice", seq_len=20, positions="mask", softmax=True),
+    Case(13, (5,), "dice", seq_len=33, dice_affine=True, positions="jagged"),
+    Case(32, (80, 40), "sigmoid", seq_len=70, batch=3, softmax=True, block_m=64, lengths=[70, 65, 3]),  # T > block
+    Case(16, (20, 12, 6), "sigmoid", positions="all", batch=2, block_m=32),
+    Case(5, (6, 7, 8, 9), "relu", seq_len=19, positions="jagged", softmax=True, programs=3),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference_fp32(case):
+    check(case, torch.float32)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=str)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_matches_reference_low_precision(case, dtype):
+    check(case, dtype)
+
+
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_deterministic_for_each_program_count(programs):
+    """Two runs give the same bits; every program count gives the reference's results, and the
+    counts agree with each other (a user or a partial lost or counted twice by a split fails)."""
+    case = Case(7, (13, 5), "sigmoid", seq_len=23, batch=4, softmax=True, block_m=16, lengths=[23, 0, 17, 9])
+    x = make_inputs(case)
+    grad_out = torch.randn(case.batch, case.dim, dtype=torch.float64)
+    grad_scores = torch.randn(case.batch, case.seq_len, dtype=torch.float64)
+    first = kernel_results(case, x, torch.float32, grad_out, grad_scores, programs=programs)
+    second = kernel_results(case, x, torch.float32, grad_out, grad_scores, programs=programs)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    one_program = kernel_results(case, x, torch.float32, grad_out, grad_scores, programs=1)
+    score_bias = 2 + 2 + 2 * len(case.hidden) + 1  # its gradient is exactly 0 under softmax: compared apart
+    for i, err in enumerate(relative_errors(first, one_program)):
+        assert err < 1e-5 or i == score_bias, f"result {i} differs by {err:.1e} from the one-program run"
+    want = reference_results(case, x, grad_out, grad_scores)
+    for i, err in enumerate(relative_errors(first, want)):
+        assert err < 2e-5 or i == score_bias, f"result {i}: {err:.1e}"
+    assert first[score_bias].abs().max() < 1e-5
+
+
+def test_invalid_lengths_are_clamped():
+    """Lengths outside [0, T] never read out of bounds: they count as 0 and T."""
+    case = Case(5, (6,), "relu", seq_len=7, batch=3, lengths=[7, 0, 3])
+    x = make_inputs(case)
+    grad_out = torch.randn(case.batch, case.dim, dtype=torch.float64)
+    grad_scores = torch.randn(case.batch, case.seq_len, dtype=torch.float64)
+    want = kernel_results(case, x, torch.float32, grad_out, grad_scores)
+    got = kernel_results(case, dict(x, lengths=torch.tensor([1000, -5, 3])), torch.float32, grad_out, grad_scores)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _count_device_ops(call):
+    """(Triton launches, aten ops that run on a device) of call() with the kernels stubbed. Allocation
+    and view ops launch nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    KERNEL_TYPES = (JITFunction, InterpretedFunction)  # compiled or interpreted
+
+    no_launch = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default",
+                 "slice.Tensor", "as_strided.default", "detach.default", "alias.default", "t.default",
+                 "reshape.default", "expand.default", "unsqueeze.default", "squeeze.dim", "new_empty.default",
+                 "empty_like.default", "lift_fresh.default", "select.int", "split_with_sizes.default"}
+    aten_ops, launches = [], []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = f"{func._opname}.{func._overloadname}"
+            if name not in no_launch:
+                aten_ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    class NoLaunch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    kernels = {name: k for name, k in vars(packed).items() if isinstance(k, KERNEL_TYPES)}
+    try:
+        for name in kernels:
+            setattr(packed, name, NoLaunch(name))
+        with Record():
+            call()
+    finally:
+        for name, kernel in kernels.items():
+            setattr(packed, name, kernel)
+    return launches, aten_ops
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu"])
+def test_training_step_makes_three_device_launches(activation, monkeypatch):
+    """A training step through the public op (checks, dispatch, autograd.Function, launchers), with
+    lengths: the forward kernel, the backward kernel and the one reduction, and no torch kernels."""
+    from fastdin import functional
+
+    B, T, D, hidden = 4, 9, 8, (16, 8)
+    leaves = [torch.randn(B, D, requires_grad=True), torch.randn(B, T, D, requires_grad=True)]
+    sizes = [4 * D, *hidden, 1]
+    weights = [torch.randn(o, i, requires_grad=True) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [torch.randn(o, requires_grad=True) for o in sizes[1:]]
+    slopes = [torch.rand(1, requires_grad=True) for _ in hidden] if activation == "prelu" else None
+    lengths = torch.tensor([9, 3, 0, 5])
+    grad = torch.randn(B, D)
+
+    def step():
+        out = functional.attention_pool(leaves[0], leaves[1], weights, biases, activation=activation,
+                                        act_params=slopes, lengths=lengths, backend="triton")
+        torch.autograd.grad(out, leaves + weights + biases + (slopes or []), grad)
+
+    monkeypatch.setattr(packed, "POISON_OUTPUTS", False)  # the poison is the tests' own fill
+    from fastdin.ops import backend
+
+    previous = backend.set_value_checks(False)  # the default on CUDA is the caller's choice; checks sync
+    try:
+        launches, aten_ops = _count_device_ops(step)
+    finally:
+        backend.set_value_checks(previous)
+    assert launches == ["_packed_fwd_kernel", "_packed_bwd_kernel", "_sum_partials_kernel"]
+    assert aten_ops == [], aten_ops
+
+# ---------------------------------------------------------------------------------------------
+# sm_90 builds (tests/sm90_build.py): every launch of a training step compiled with Triton's
+# compiler and the ptxas of the wheel, no GPU needed, at the design notes' shapes
+
+SM90_SHAPES = {"paper": (32, (80, 40), "sigmoid"), "seed": (64, (256, 128, 64), "prelu")}
+SM90_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# the variants the dispatch launches (fastdin.ops.attention_packed.packed_gap): the seed shape needs
+# more shared memory than a block has, fp32 on CUDA stays on the per-user kernels
+SM90_CASES = [("paper", "bf16", False), ("paper", "bf16", True)]
+
+
+def sm90_case_id(shape, dtype, softmax):
+    return f"packed-{shape}-{dtype}-{'softmax' if softmax else 'none'}"
+
+
+def _sm90_call(shape, dtype, softmax):
+    """A forward and backward through the launchers on uninitialised CPU tensors (nothing runs),
+    at B=2048, T=100 with lengths, the launchers' H200 grid (132 SMs)."""
+    def call():
+        dim, hidden, activation = SM90_SHAPES[shape]
+        dt = SM90_DTYPES[dtype]
+        batch, seq_len = 2048, 100
+        query, keys = torch.empty(batch, dim, dtype=dt), torch.empty(batch, seq_len, dim, dtype=dt)
+        sizes = [4 * dim] + list(hidden) + [1]
+        weights = [torch.empty(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
+        biases = [torch.empty(o) for o in sizes[1:]]
+        acts = [[torch.empty(h)] for h in hidden] if activation == "prelu" else []
+        rows = packed.packed_rows(lengths=torch.full((batch,), seq_len))
+        out, scores, lse = packed.packed_attention_forward(query, keys, weights, biases, acts, rows, activation, 0.0,
+                                                           False, softmax, softmax, num_programs=264)
+        packed.packed_attention_backward(torch.empty(batch, dim, dtype=dt), scores, query, keys, weights, biases,
+                                         acts, rows, out, scores, lse, activation, 0.0, False, softmax,
+                                         num_programs=132)
+    return call
+
+
+def sm90_cases():
+    """{case id: (kernels module, call)} for sm90_build.py."""
+    return {sm90_case_id(*case): (packed, _sm90_call(*case)) for case in SM90_CASES}
+
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    import sm90_build
+
+    return sm90_build.builds_or_skip("test_attention_packed_kernel:sm90_cases")
+
+
+PACKED_KERNELS = {"_packed_fwd_kernel", "_packed_bwd_kernel", "_sum_partials_kernel"}
+
+
+@pytest.mark.parametrize("case", SM90_CASES, ids=[sm90_case_id(*c) for c in SM90_CASES])
+def test_builds_for_sm90_with_wgmma_within_shared_memory(sm90_builds, case):
+    """Every launch of the step compiles; bf16 products are wgmma (not mma.sync); shared memory
+    within an H200 block's and the estimate behind the dispatch."""
+    import sm90_build
+    from fastdin.ops.attention_packed import shared_memory_estimate
+
+    builds = sm90_builds[sm90_case_id(*case)]
+    assert not {name: b["error"] for name, b in builds.items() if "error" in b}
+    assert set(builds) == PACKED_KERNELS
+    dim, hidden, _ = SM90_SHAPES[case[0]]
+    for name, build in builds.items():
+        assert build["shared"] <= sm90_build.H200_SHARED_BYTES, (name, build)
+        assert build["shared"] <= shared_memory_estimate(dim, hidden, SM90_DTYPES[case[1]]), (name, build)
+    for name in ("_packed_fwd_kernel", "_packed_bwd_kernel"):
+        assert builds[name]["wgmma"] > 0 and builds[name]["mma_sync"] == 0, (name, builds[name])
+
+
+# what ptxas spills today (bytes per thread, paper shape, bf16): the 0-byte target is not met yet;
+# strict, so a fix shows up as an unexpected pass
+SPILLING = {("paper", "bf16", False, "_packed_fwd_kernel"): "104 B", ("paper", "bf16", True, "_packed_fwd_kernel"): "44 B",
+            ("paper", "bf16", False, "_packed_bwd_kernel"): "about 3.2 KB",
+            ("paper", "bf16", True, "_packed_bwd_kernel"): "about 3.2 KB"}
+SPILL_PARAMS = [pytest.param(case, kernel, id=f"{sm90_case_id(*case)}-{kernel}",
+                             marks=[pytest.mark.xfail(strict=True, reason=f"spills {SPILLING[(*case, kernel)]}")]
+                             if (*case, kernel) in SPILLING else [])
+                for case in SM90_CASES for kernel in ("_packed_fwd_kernel", "_packed_bwd_kernel")]
+
+
+@pytest.mark.parametrize("case,kernel", SPILL_PARAMS)
+def test_no_spills_in_sm90_builds(sm90_builds, case, kernel):
+    build = sm90_builds[sm90_case_id(*case)][kernel]
+    assert build["spill_stores"] == 0 and build["spill_loads"] == 0, build
+
+
+def test_dispatch_leaves_the_shapes_that_do_not_fit_to_the_per_user_kernels():
+    """The seed shape's backward (D=64, 256/128/64) needs 270336 B of shared memory in bf16 (an sm_90
+    build): more than an H200 block's, so the packed kernels do not take it; the paper shape fits."""
+    from fastdin.ops.attention_packed import H200_SHARED_BYTES, packed_gap, shared_memory_estimate
+
+    assert shared_memory_estimate(64, (256, 128, 64), torch.bfloat16) >= 270336 > H200_SHARED_BYTES
+    weights = [torch.zeros(80, 128), torch.zeros(40, 80), torch.zeros(1, 40)]
+    assert packed_gap(torch.zeros(2, 3, 32, dtype=torch.bfloat16), weights, "sigmoid", None) is None
+    wide = [torch.zeros(256, 256), torch.zeros(128, 256), torch.zeros(64, 128), torch.zeros(1, 64)]
+    assert "shared memory" in packed_gap(torch.zeros(2, 3, 64, dtype=torch.bfloat16), wide, "prelu", None)
