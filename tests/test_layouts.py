@@ -16,8 +16,12 @@ from layout_helpers import (ATTENTION_LAYOUTS, JAGGED_LAYOUTS, AttentionSetup, a
 from fastdin import functional
 from fastdin.kernels import attention_pool as attention_kernels
 from fastdin.ops import attention as attention_ops
+from fastdin.ops import attention_packed as attention_packed_ops
 
 BACKENDS = ("reference", "torch", "triton")
+# attention on the triton backend runs the packed-rows kernels where they cover the case (on the CPU:
+# everything but training-mode Dice); "triton-per-user" turns them off to test the per-user kernels
+ATTENTION_BACKENDS = BACKENDS + ("triton-per-user",)
 
 SETUPS = [
     AttentionSetup("prelu", "softmax"),  # one slope per feature
@@ -31,11 +35,19 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(attention_kernels, "POISON_OUTPUTS", True)
 
 
+def use_backend(backend, monkeypatch):
+    if backend == "triton-per-user":
+        monkeypatch.setattr(attention_packed_ops, "packed_gap", lambda *args: "the test forces the per-user kernels")
+        return "triton"
+    return backend
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
 @pytest.mark.parametrize("setup", SETUPS, ids=str)
-def test_attention_layout(setup, layout, backend, device):
+def test_attention_layout(setup, layout, backend, device, monkeypatch):
+    backend = use_backend(backend, monkeypatch)
     values = attention_values(setup, layout, device)
     want = run_attention(setup, *lay_out(values, "contiguous", torch.float64), "reference")
     same_dtype = run_attention(setup, *lay_out(values, "contiguous", torch.float32), "reference")

@@ -17,6 +17,7 @@ from test_dice_kernel import _poison_allocations  # noqa: F401 (autouse: NaN-fil
 from fastdin import functional
 from fastdin.kernels import attention_pool as attention_kernels
 from fastdin.kernels import dice as dice_kernels
+from fastdin.ops import attention_packed as attention_packed_ops
 
 ATTENTION_SPLITS = [(1, 16), (2, 32), (3, 16), (5, 16)]  # (programs, BLOCK_T) over 5 users, T = 20
 SETUPS = [
@@ -32,7 +33,9 @@ def _poison_outputs(monkeypatch):
 
 
 def split_attention(monkeypatch, programs, block_t):
-    """Every attention launch of the test uses `programs` programs and BLOCK_T = block_t."""
+    """Every per-user attention launch of the test uses `programs` programs and BLOCK_T = block_t
+    (the packed-rows kernels, which test their program counts themselves, are turned off)."""
+    monkeypatch.setattr(attention_packed_ops, "packed_gap", lambda *args: "the test forces the per-user kernels")
     monkeypatch.setattr(attention_kernels, "_num_programs", lambda batch, device, per_sm: programs)
     monkeypatch.setattr(attention_kernels, "_pick_block_t", lambda seq_len, widths, budget: block_t)
 
