@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]  # the tree that is mutated (a copy u
 
 ATTENTION = "kernels/attention_pool.py"
 DICE = "kernels/dice.py"
+PACKED = "kernels/attention_packed.py"
+OPS_PACKED = "fastdin/ops/attention_packed.py"
 OPS_ATTENTION = "fastdin/ops/attention.py"
 OPS_DICE = "fastdin/ops/dice.py"
 OPS_BACKEND = "fastdin/ops/backend.py"
@@ -52,6 +54,9 @@ DICE_TESTS = ["tests/test_dice_kernel.py", "tests/test_layouts.py::test_dice_lay
               "tests/test_layouts.py::test_dice_variance_near_eps", "tests/test_offsets.py::test_dice_offsets_past_2_31",
               "tests/test_program_split.py::test_dice_split_independent",
               "tests/test_compile_grads.py::test_compiled_dice_every_gradient"]
+# the packed-rows kernels: what the triton backend runs on the CPU except for training-mode Dice
+PACKED_TESTS = ["tests/test_layouts.py::test_attention_layout", "tests/test_attention_packed_kernel.py",
+                "tests/test_attention_kernel.py", "tests/test_layouts.py::test_attention_jagged_layout"]
 TRAIN_TESTS = ["tests/test_attention_dice_train.py", "tests/test_program_split.py::test_attention_split_independent",
                "tests/test_layouts.py::test_attention_layout"]
 SHARED_STATS_TESTS = DICE_TESTS + TRAIN_TESTS
@@ -223,6 +228,26 @@ MUTANTS = [
       DICE_TESTS),
     M("dice-param-stride-ignored", DICE, "return None if t is None else t.reshape(-1).contiguous()",
       "return None if t is None else t.reshape(-1)", "strided alpha/weight/bias/mask read with stride 1", DICE_TESTS),
+    # ---------------------------------------------------------------- packed-rows attention kernels
+    M("packed-prelu-bwd-slope-dropped", PACKED, "dx = tl.where(x >= 0, dh, a[None, :] * dh)", "dx = tl.where(x >= 0, dh, dh)",
+      "packed: PReLU backward uses slope 1 on the negative side (wrong slope)", PACKED_TESTS),
+    M("packed-softmax-carry-correction-dropped", PACKED, "scale = tl.where(carried, tl.exp(carry_m - m), 0.0)",
+      "scale = tl.where(carried, 1.0, 0.0)", "packed: a user's softmax carried across tiles is not rescaled "
+      "(no softmax correction)", PACKED_TESTS),
+    M("packed-segment-carry-dropped", PACKED,
+      "out = _segment_totals(same, w[:, None] * kf, DT) + tl.where(carried[:, None], carry_acc[None, :], 0.0)",
+      "out = _segment_totals(same, w[:, None] * kf, DT)", "packed: a user cut by a tile boundary loses its earlier rows",
+      PACKED_TESTS),
+    M("packed-query-stride-ignored", PACKED, "q = tl.load(q_ptr + user[:, None] * stride_qb + offs_d[None, :]",
+      "q = tl.load(q_ptr + user[:, None] * D + offs_d[None, :]", "packed: the query stride ignored (an expanded query)",
+      PACKED_TESTS),
+    M("packed-grad-out-strides-ignored", PACKED, "stride_sb, stride_st, *grad_out.stride(),",
+      "stride_sb, stride_st, grad_out.shape[1], 1,", "packed backward: grad_out read as contiguous", PACKED_TESTS),
+    M("packed-lengths-stride-ignored", OPS_PACKED, "lengths = lengths.contiguous() if lengths is not None else None",
+      "lengths = lengths", "packed: strided lengths read as contiguous", PACKED_TESTS),
+    M("packed-param-stride-ignored", OPS_PACKED,
+      "biases, act_flat = [b.contiguous() for b in biases], [t.contiguous() for t in act_flat]", "pass",
+      "packed: strided biases and activation parameters read with stride 1", PACKED_TESTS),
     # ---------------------------------------------------------------- ops (autograd and custom ops)
     M("op-compiled-attention-weight-grads-none", OPS_ATTENTION, "    return (*grads, None, None, None, None, None, None, None, None, None)",
       "    return (grads[0], grads[1], [None] * len(grads[2]), grads[3], grads[4], None, None, None, None, None, None, None, None, None)",
