@@ -61,6 +61,30 @@ def test_attention_split_independent(monkeypatch, setup):
     assert_splits_agree(results, str(setup))
 
 
+PACKED_SETUPS = [AttentionSetup("prelu", None, batch=5, seq_len=20), AttentionSetup("prelu", "softmax", batch=5, seq_len=20)]
+PACKED_SPLITS = [(1, 16), (3, 16), (2, 32)]  # (programs, BLOCK_M): users cut by tile and program boundaries
+
+
+@pytest.mark.parametrize("setup", PACKED_SETUPS, ids=str)
+def test_packed_split_independent(monkeypatch, setup):
+    """The packed-rows kernels (the triton backend's path here) with users cut by tile boundaries."""
+    from fastdin.kernels import attention_packed as packed_kernels
+
+    values = attention_values(setup, "contiguous", DEVICES[0])
+    values["lengths"][1:-1] = setup.seq_len  # several users longer than one 16-row tile
+    want = run_attention(setup, *lay_out(values, "contiguous", torch.float64), "reference")
+    same_dtype = run_attention(setup, *lay_out(values, "contiguous", torch.float32), "reference")
+    zero_at = score_bias_position(setup)
+    results = {}
+    for programs, block_m in PACKED_SPLITS:
+        monkeypatch.setattr(packed_kernels, "BLOCK_M", block_m)
+        monkeypatch.setattr(packed_kernels, "_num_programs", lambda device, rows, block, per_sm: programs)
+        got = run_attention(setup, *lay_out(values, "contiguous", torch.float32), "triton")
+        assert_within_policy(got, want, same_dtype, torch.float32, zero_at, f"({setup}, split {programs}/{block_m})")
+        results[programs, block_m] = [t for i, t in enumerate(got) if i != zero_at]
+    assert_splits_agree(results, str(setup))
+
+
 # (row programs, rows per block, features per block) over 2 x 29 rows of 37 features
 DICE_SPLITS = [(1, 16, 64), (2, 32, 16), (4, 16, 16), (7, 16, 32)]
 

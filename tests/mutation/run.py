@@ -55,7 +55,8 @@ DICE_TESTS = ["tests/test_dice_kernel.py", "tests/test_layouts.py::test_dice_lay
               "tests/test_program_split.py::test_dice_split_independent",
               "tests/test_compile_grads.py::test_compiled_dice_every_gradient"]
 # the packed-rows kernels: what the triton backend runs on the CPU except for training-mode Dice
-PACKED_TESTS = ["tests/test_layouts.py::test_attention_layout", "tests/test_attention_packed_kernel.py",
+PACKED_TESTS = ["tests/test_layouts.py::test_attention_layout", "tests/test_program_split.py::test_packed_split_independent",
+                "tests/test_attention_packed_kernel.py",
                 "tests/test_attention_kernel.py", "tests/test_layouts.py::test_attention_jagged_layout"]
 TRAIN_TESTS = ["tests/test_attention_dice_train.py", "tests/test_program_split.py::test_attention_split_independent",
                "tests/test_layouts.py::test_attention_layout"]
