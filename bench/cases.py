@@ -2,7 +2,8 @@
 
 Implementations:
 - "fastdin": the modules with backend="auto" (the Triton kernels on CUDA where they cover the case,
-  the reference elsewhere; `Workload.backend` says which ran);
+  else the packed-rows PyTorch path "torch" for attention and the reference for Dice;
+  `Workload.backend` says which ran);
 - "eager": the same modules with backend="reference", the exact PyTorch reference;
 - "compile": `torch.compile` of the eager modules;
 - "deepctr": DeepCTR-Torch's `AttentionSequencePoolingLayer` loaded with the same weights
@@ -197,7 +198,7 @@ class Workload:
     # -- what ran, and how much work it is
 
     def backend(self, mode: str) -> str:
-        """The backend fastdin's dispatch picks for this case on this device ("triton" or "reference")."""
+        """The backend fastdin's dispatch picks for this case on this device ("triton", "torch" or "reference")."""
         c, training = self.case, mode == "training"
         if c.kind == "dice":
             return functional.choose_backend("auto", self.device, functional.dice_kernel_gap(self.x, training), "dice")
@@ -209,7 +210,7 @@ class Workload:
         linears = list(pool.mlp.linears) + [pool.score]
         act_params = [a.params() if isinstance(a, Dice) else getattr(a, "weight", None) for a in pool.mlp.activations]
         gap = functional.attention_kernel_gap(keys, [m.weight for m in linears], pool.mlp.activation, act_params)
-        attention = functional.choose_backend("auto", self.device, gap, "attention_pool")
+        attention = functional.choose_backend("auto", self.device, gap, "attention_pool", has_torch_path=True)
         if c.kind == "attention":
             return attention
         rows = torch.empty(c.batch, self.model.mlp.linears[0].out_features, device=self.device, dtype=self.dtype)

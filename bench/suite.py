@@ -75,7 +75,7 @@ def _measure(work: Workload, impl: str, mode: str, args, budget: Budget, referen
     seconds = row["ms"] * 1e-3
     row.update(gflop=flops / 1e9, mbytes=nbytes / 1e6, tflops=flops / seconds / 1e12, gbps=nbytes / seconds / 1e9)
     if impl == "fastdin" and "triton" not in row["backend"]:
-        row["note"] = "reference path (no kernel runs here)"
+        row["note"] = f"{row['backend']} path (no kernel runs here)"
     if impl == "deepctr" and work.case.activation == "dice":
         row["note"] = "DeepCTR's Dice takes statistics over all B*T positions"
     return row

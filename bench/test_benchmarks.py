@@ -1,7 +1,7 @@
 """The suite's cases under pytest-benchmark, one group per case, mode and dtype, so that
 `pytest bench/ --benchmark-autosave` then `--benchmark-compare` sets commits side by side.
 
-On a CPU this runs small shapes, fp32, eager and DeepCTR-Torch only, in seconds; `--bench-full`
+On a CPU this runs small shapes, fp32, fastdin (its PyTorch path), eager and DeepCTR-Torch, in seconds; `--bench-full`
 (implied on CUDA) runs the design shapes, bf16 and torch.compile too. The suite
 (`python -m fastdin.bench`) is the place for the full figures: ceilings, throughput, memory.
 """
@@ -20,8 +20,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_case(benchmark, request, bench_case, dtype, mode, impl):
     full = full_run(request.config)
-    if impl == "fastdin" and DEVICE.type != "cuda":
-        pytest.skip("GPU only: without CUDA fastdin runs the reference, which the eager row times")
     if not full and (dtype == "bf16" or impl == "compile"):
         pytest.skip("bf16 and torch.compile on the CPU only with --bench-full")
     work = Workload(bench_case, dtype, DEVICE)

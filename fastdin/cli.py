@@ -52,7 +52,8 @@ def add_train(subparsers) -> None:
     p.add_argument("--pooling", choices=POOLINGS, default="attention",
                    help="attention: DIN; sum: the paper's BaseModel (sum of the history)")
     p.add_argument("--backend", choices=functional.BACKENDS, default="auto",
-                   help="auto: Triton kernels on CUDA where they cover the case, else the PyTorch reference")
+                   help="auto: Triton kernels on CUDA where they cover the case, else the fast PyTorch path "
+                        "(torch; the reference for ops without one); reference: the plain ground truth")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--epochs", type=_positive_int, default=2, help="passes over the training rows")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="training rows per optimizer step")
@@ -204,15 +205,15 @@ def _attention_case(activation: str, dtype: torch.dtype, device: torch.device):
     return keys, [m.weight for m in linears], act_params
 
 
-def _auto_choice(device: torch.device, gap: Optional[str]) -> str:
-    chosen = functional.choose_backend("auto", device, gap, "info")
+def _auto_choice(device: torch.device, gap: Optional[str], has_torch_path: bool = False) -> str:
+    chosen = functional.choose_backend("auto", device, gap, "info", has_torch_path=has_torch_path)
     if chosen == "triton":
         return "triton"
     if device.type != "cuda":
-        return "reference (no CUDA device)"
+        return f"{chosen} (no CUDA device)"
     if not functional.HAS_TRITON:
-        return "reference (triton is not installed)"
-    return f"reference ({gap})"
+        return f"{chosen} (triton is not installed)"
+    return f"{chosen} ({gap})"
 
 
 def add_info(subparsers) -> None:
@@ -235,7 +236,7 @@ def run_info(args: argparse.Namespace) -> int:
         for activation in functional.ACTIVATIONS:
             keys, weights, act_params = _attention_case(activation, dtype, device)
             gap = functional.attention_kernel_gap(keys, weights, activation, act_params)
-            print(f"  attention_pool {activation:<7} {dtype_name:<8}: {_auto_choice(device, gap)}")
+            print(f"  attention_pool {activation:<7} {dtype_name:<8}: {_auto_choice(device, gap, True)}")
         x = torch.zeros(4, 8, device=device, dtype=dtype)
         for training in (True, False):
             gap = functional.dice_kernel_gap(x, training)

@@ -128,9 +128,12 @@ class AttentionPooling(nn.Module):
 
     forward(query [B, D] or [B, 1, D], keys [B, T, D], lengths [B] or [B, 1] or mask [B, T]) returns
     the pooled interest with the query's rank, and the weights [B, T] when return_scores=True.
+    Jagged input: forward(query, keys [N, D], offsets=offsets [B + 1] int64), user b's history at
+    rows offsets[b]:offsets[b+1]; the weights then come back packed, [N].
 
     backend None reads FASTDIN_BACKEND (default "auto": the fused Triton kernel on CUDA where it
-    covers the case, else the exact PyTorch reference). The kernel covers float32/float16/bfloat16
+    covers the case, else "torch", the packed-rows PyTorch path of `fastdin.packed`; "reference"
+    runs the plain ground truth). The kernel covers float32/float16/bfloat16
     (and CUDA autocast), D <= 256, 1 to 4 hidden layers of width <= 512, sigmoid, relu, prelu and
     Dice, in eval mode (running statistics) and in training mode (batch statistics, with the exact
     gradient through them, and the running statistics updated on the device);
@@ -154,7 +157,8 @@ class AttentionPooling(nn.Module):
         self.mlp = MLP(4 * embed_dim, hidden_units, activation, backend=backend, dice_affine=dice_affine)
         self.score = nn.Linear(self.mlp.out_features, 1)
 
-    def forward(self, query: Tensor, keys: Tensor, lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+    def forward(self, query: Tensor, keys: Tensor, lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                offsets: Optional[Tensor] = None):
         activation = self.mlp.activation
         act_params = None
         if activation == "prelu":
@@ -168,7 +172,7 @@ class AttentionPooling(nn.Module):
         return functional.attention_pool(
             query, keys, [m.weight for m in linears], [m.bias for m in linears], activation=activation,
             act_params=act_params, lengths=lengths, mask=mask, normalization=self.normalization,
-            return_scores=self.return_scores, dice_stats=self.dice_stats, backend=self.backend,
+            return_scores=self.return_scores, dice_stats=self.dice_stats, backend=self.backend, offsets=offsets,
         )
 
     def extra_repr(self) -> str:

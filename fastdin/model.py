@@ -5,9 +5,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from fastdin import functional, reference
-from fastdin.ops.backend import checking_values
+from fastdin import functional, packed, reference
 from fastdin.layers import MLP, AttentionPooling, check_hidden_units
+from fastdin.ops.backend import checking_values
+from fastdin.ops.checks import check_offsets
 from fastdin.schema import FeatureSchema, SparseField
 
 POOLINGS = ("attention", "sum")
@@ -34,6 +35,9 @@ class DIN(nn.Module):
 
     Ids are checked against each table's size while `fastdin.set_value_checks` is on (the default;
     on CUDA the check costs one synchronisation per batch).
+    A jagged history instead: every sequence field flat [N] with "hist_offsets" [B + 1] (int64, user
+    b's behaviours at offsets[b]:offsets[b+1]), TorchRec's values + offsets.
+
     """
 
     def __init__(self, num_items: Optional[int] = None, num_categories: Optional[int] = None, embed_dim: int = 16,
@@ -162,6 +166,15 @@ class DIN(nn.Module):
                 ids[f.name] = batch[f.name].reshape(-1)
         return ids
 
+    def _pool_jagged(self, candidate: Tensor, history: Tensor, offsets: Tensor) -> Tensor:
+        """Pool a jagged history (rows [N, 2 * embed_dim], user b's at offsets[b]:offsets[b+1])."""
+        if self.attention is not None:
+            return self.attention(candidate, history, offsets=offsets)
+        if check_offsets(offsets, history.shape[0], None, None) != candidate.shape[0]:
+            raise ValueError(f"hist_offsets must have B + 1 = {candidate.shape[0] + 1} entries, got {offsets.shape[0]}")
+        user = packed.rows_from_offsets(offsets, history.shape[0])
+        return history.new_zeros(candidate.shape).index_add_(0, user, history)
+
     def score_candidates(self, user_batch: Mapping[str, Tensor], candidate_items: Tensor,
                          candidate_categories: Tensor) -> Tensor:
         """Logits [N] of one user (user_batch: a batch of one row, no item/category needed) for N
@@ -181,7 +194,8 @@ class DIN(nn.Module):
             raise ValueError(f"batch[{name!r}] must have shape {what}{expected}, got {list(t.shape)}")
 
     def _check_batch(self, batch: Mapping[str, Tensor]):
-        """Shapes, dtypes and (while value checks are on) id ranges of a batch; returns (B, T)."""
+        """Shapes, dtypes and (while value checks are on) id ranges of a batch; returns (B, T), with
+        T = N, the number of behaviours, for a jagged history."""
         s = self.schema
         pairs = s.pairs()
         for seq, cand in pairs:
@@ -194,12 +208,17 @@ class DIN(nn.Module):
         self._check_ids(first_cand, lead, (None,), "[B]")
         b = lead.shape[0]
         hist = batch[first_seq]
-        self._check_ids(first_seq, hist, (b, None), f"[B, T] with B = {b}")
-        t = hist.shape[1]
+        jagged = "hist_offsets" in batch  # flat [N] histories; t is then N
+        if jagged:
+            self._check_ids(first_seq, hist, (None,), "[N] (flat, with hist_offsets)")
+        else:
+            self._check_ids(first_seq, hist, (b, None), f"[B, T] with B = {b} (or flat [N] with hist_offsets)")
+        t = hist.shape[-1]
+        seq_shape, seq_what = ((t,), f"[N] like {first_seq!r}") if jagged else ((b, t), f"[B, T] like {first_seq!r}")
         checked = []  # (name, ids, vocab size) for the range check
         for seq, cand in pairs:
             self._check_ids(cand.name, batch[cand.name], (b,), "[B]")
-            self._check_ids(seq.name, batch[seq.name], (b, t), f"[B, T] like {first_seq!r}")
+            self._check_ids(seq.name, batch[seq.name], seq_shape, seq_what)
             checked += [(cand.name, batch[cand.name], cand.vocab_size), (seq.name, batch[seq.name], cand.vocab_size)]
         sparse = self._sparse_ids(batch)
         for f, ids in sparse:
@@ -266,14 +285,18 @@ class DIN(nn.Module):
     # -- the model
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        jagged = "hist_offsets" in batch
         b, t = self._check_batch(batch)
         pairs = self.schema.pairs()
         candidate = torch.cat([self.embeddings[c.name](batch[c.name]) for _, c in pairs], -1)
         history = torch.cat([self.embeddings[c.name](batch[s.name]) for s, c in pairs], -1)
-        lengths, mask = self._positions(batch, b, t)
-        if self.attention is not None:
+        if jagged:
+            interest = self._pool_jagged(candidate, history, batch["hist_offsets"])
+        elif self.attention is not None:
+            lengths, mask = self._positions(batch, b, t)
             interest = self.attention(candidate, history, lengths=lengths, mask=mask)
         else:
+            lengths, mask = self._positions(batch, b, t)
             valid = reference.valid_positions(lengths, mask, b, t, history.device)
             interest = (history * valid.unsqueeze(-1)).sum(1)
         parts = [self.embeddings[f.name](ids) for f, ids in self._sparse_ids(batch)]

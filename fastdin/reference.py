@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdin.jagged import jagged_to_padded
+
 ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
 NORMALIZATIONS = (None, "softmax")
 DICE_STATS = ("valid", "all")
@@ -107,6 +109,7 @@ def attention_pool(
     act_params: Optional[Sequence] = None,
     lengths: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
+    offsets: Optional[Tensor] = None,
     normalization: Optional[str] = None,
     return_scores: bool = False,
     dice_stats: str = "valid",
@@ -121,7 +124,20 @@ def attention_pool(
     normalization=None their weight is 0; with "softmax" they are left out of the softmax, and a
     row with no valid position gets zero weights. Returns out [B, D], and the weights [B, T] when
     `return_scores`.
+
+    Jagged input: keys [N, D] hold the users' histories one after another, user b's at rows
+    offsets[b]:offsets[b+1] (offsets [B + 1], the values+offsets convention of TorchRec and FBGEMM).
+    Every row is a valid position (so dice_stats "all" is "valid"), and the weights come back
+    packed as [N].
     """
+    if offsets is not None:
+        padded, lengths = jagged_to_padded(keys, offsets)
+        result = attention_pool(query, padded, weights, biases, activation=activation, act_params=act_params,
+                                lengths=lengths, normalization=normalization, return_scores=return_scores)
+        if not return_scores:
+            return result
+        out, scores = result
+        return out, scores[valid_positions(lengths, None, *scores.shape, scores.device)]
     batch, seq_len, _ = keys.shape
     valid = valid_positions(lengths, mask, batch, seq_len, keys.device)
     q = query.unsqueeze(1).expand_as(keys)

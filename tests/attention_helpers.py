@@ -124,10 +124,10 @@ def dtype_params(cases, low_precision_cases):
     return [pytest.param(case, dtype, id=f"{case}-{str(dtype).replace('torch.', '')}") for case, dtype in pairs]
 
 
-def check_against_reference(case: Case, dtype, device, run, leaves, positions):
-    """The kernel (`run(case, leaves, positions, backend, grad_out, grad_scores)` with backend "triton")
-    against the float64 reference: every result finite, of the dtype and shape, and within twice the
-    same-dtype reference's error plus ATOL."""
+def check_against_reference(case: Case, dtype, device, run, leaves, positions, backend="triton"):
+    """The kernel (`run(case, leaves, positions, backend, grad_out, grad_scores)` with backend "triton",
+    or another fast backend) against the float64 reference: every result finite, of the dtype and
+    shape, and within twice the same-dtype reference's error plus ATOL."""
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("bf16 runs on CUDA only")
     grad_out = torch.randn(case.batch, case.dim, dtype=torch.float64, device=device)
@@ -135,7 +135,7 @@ def check_against_reference(case: Case, dtype, device, run, leaves, positions):
     # the float64 reference from exactly the inputs the kernel sees (rounded to dtype)
     want = run(case, cast_leaves(cast_leaves(leaves, dtype), torch.float64), positions, "reference",
                grad_out, grad_scores)
-    got = run(case, cast_leaves(leaves, dtype), positions, "triton", grad_out, grad_scores)
+    got = run(case, cast_leaves(leaves, dtype), positions, backend, grad_out, grad_scores)
     for g, w in zip(got, want):
         assert g.dtype == dtype and g.shape == w.shape
         assert torch.isfinite(g).all(), "a NaN (unwritten poisoned element?) or inf in the kernel's result"

@@ -35,10 +35,11 @@ def test_quick_suite_writes_table_csv_and_png(tmp_path, capsys):
         assert float(row["ms"]) > 0 and row["torch"] == torch.__version__ and row["device"] and row["date"]
         assert float(row["tflops"]) == pytest.approx(float(row["gflop"]) / float(row["ms"]), rel=1e-3)
         assert row["peak_mib"] == ""  # not measured on the CPU, and not faked
-        if row["impl"] == "fastdin":
-            assert row["backend"] == "reference"
-        if row["mode"] == "inference":
-            assert float(row["rel_err_vs_eager"]) == 0.0  # the same reference code ran
+        dice = row["case"].startswith("dice")
+        if row["impl"] == "fastdin":  # on the CPU: attention's packed PyTorch path, Dice's reference
+            assert row["backend"] == ("reference" if dice else "torch")
+        if row["mode"] == "inference":  # Dice: the same reference code ran; attention: the same math
+            assert float(row["rel_err_vs_eager"]) <= (0.0 if dice else 1e-5)
     dice = next(r for r in rows if r["case"] == "dice-small" and r["mode"] == "training")
     assert float(dice["gflop"]) == pytest.approx(counts.dice_flops(256 * 200, training=True) / 1e9, rel=1e-5)
     [png] = tmp_path.glob("*.png")

@@ -8,23 +8,29 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastdin import reference
+from fastdin import packed, reference
 from fastdin.ops import attention_packed
 from fastdin.ops.backend import HAS_TRITON, checking_values, choose_backend
-from fastdin.ops.checks import (check_activation, check_positions, require_dice_rows, require_float,
+from fastdin.ops.checks import (check_activation, check_offsets, check_positions, require_dice_rows, require_float,
                                 require_same_device, require_tensor)
 from fastdin.reference import DICE_STATS, NORMALIZATIONS
 
 
-def check_attention_inputs(query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats):
+def check_attention_inputs(query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats,
+                           offsets=None):
     """Check the arguments of `attention_pool`; returns (query as [B, D], lengths as [B] or None)."""
     require_tensor("keys", keys)
     require_tensor("query", query)
     require_float("keys", keys)
     require_float("query", query)
-    if keys.dim() != 3:
-        raise ValueError(f"keys must be [B, T, D], got shape {list(keys.shape)}")
-    batch, seq_len, dim = keys.shape
+    if offsets is not None:
+        if keys.dim() != 2:
+            raise ValueError(f"jagged keys (with offsets) must be [N, D], got shape {list(keys.shape)}")
+        batch, seq_len, dim = check_offsets(offsets, keys.shape[0], lengths, mask), 1, keys.shape[1]
+    elif keys.dim() != 3:
+        raise ValueError(f"keys must be [B, T, D] (or [N, D] with offsets), got shape {list(keys.shape)}")
+    else:
+        batch, seq_len, dim = keys.shape
     if query.dim() == 3 and query.shape[1] == 1:
         query = query.reshape(query.shape[0], query.shape[2])
     if query.dim() != 2 or tuple(query.shape) != (batch, dim):
@@ -54,14 +60,15 @@ def check_attention_inputs(query, keys, weights, biases, activation, act_params,
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if dice_stats not in DICE_STATS:
         raise ValueError(f"dice_stats must be one of {DICE_STATS}, got {dice_stats!r}")
-    lengths = check_positions(lengths, mask, batch, seq_len)
+    if offsets is None:
+        lengths = check_positions(lengths, mask, batch, seq_len)
     if activation == "dice" and any(p.training for p in act_params):
-        rows = batch * seq_len
+        rows = keys.shape[0] if offsets is not None else batch * seq_len
         positions = mask if mask is not None else lengths
         if dice_stats == "valid" and positions is not None and checking_values(positions):
             rows = int(positions.sum().item())
         require_dice_rows(rows)
-    named = {"query": query, "keys": keys, "lengths": lengths, "mask": mask}
+    named = {"query": query, "keys": keys, "lengths": lengths, "mask": mask, "offsets": offsets}
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     named.update({f"biases[{i}]": b for i, b in enumerate(biases)})
     if activation == "prelu":
@@ -289,12 +296,13 @@ def _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, ma
 
 
 def _attention_pool_triton(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
-                           return_scores, dice_stats):
+                           return_scores, dice_stats, offsets=None):
     """Run the fused kernel (inputs already checked); returns (out [B, D], scores [B, T] or None).
-    The packed-rows kernels where they cover the case, else the per-user ones."""
-    if attention_packed.packed_gap(keys, weights, activation, act_params) is None:
+    The packed-rows kernels where they cover the case (jagged keys always go there), else the
+    per-user ones."""
+    if offsets is not None or attention_packed.packed_gap(keys, weights, activation, act_params) is None:
         return attention_packed.attention_pool_packed(query, keys, weights, biases, activation, act_params, lengths,
-                                                      mask, normalization, return_scores)
+                                                      mask, normalization, return_scores, offsets=offsets)
     if keys.is_cuda and torch.is_autocast_enabled("cuda"):
         # run in the autocast dtype; the kernel reads the weights as they are and converts them
         dtype = torch.get_autocast_dtype("cuda")
@@ -365,18 +373,41 @@ def _match_weight_dtype(tensors: Sequence[Tensor], dtype: torch.dtype):
 
 
 def _attention_pool_reference(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
-                              return_scores, dice_stats):
+                              return_scores, dice_stats, offsets=None):
     result = reference.attention_pool(
         query, keys, _match_weight_dtype(weights, keys.dtype), _match_weight_dtype(biases, keys.dtype),
-        activation=activation, act_params=act_params, lengths=lengths, mask=mask,
+        activation=activation, act_params=act_params, lengths=lengths, mask=mask, offsets=offsets,
         normalization=normalization, return_scores=return_scores, dice_stats=dice_stats,
     )
     return result if return_scores else (result, None)
 
 
+def _attention_pool_torch(query, keys, weights, biases, activation, act_params, lengths, mask, normalization,
+                          return_scores, dice_stats, offsets=None):
+    """The packed-rows PyTorch path (fastdin.packed), in the keys' dtype (the autocast dtype under autocast)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # the tracers record plain ops, not the path's autograd.Functions (nor its data-dependent rows)
+        return _attention_pool_reference(query, keys, weights, biases, activation, act_params, lengths, mask,
+                                         normalization, return_scores, dice_stats, offsets)
+    if torch.is_autocast_enabled(keys.device.type):
+        dtype = torch.get_autocast_dtype(keys.device.type)
+        query, keys = query.to(dtype), keys.to(dtype)
+    weights, biases = [t.to(keys.dtype) for t in weights], [t.to(keys.dtype) for t in biases]
+    if activation == "prelu":
+        act_params = [t.to(keys.dtype) for t in act_params]
+    result = packed.attention_pool(
+        query, keys, weights, biases, activation=activation, act_params=act_params, lengths=lengths, mask=mask,
+        offsets=offsets, normalization=normalization, return_scores=return_scores, dice_stats=dice_stats,
+    )
+    return result if return_scores else (result, None)
+
+
 # backend -> implementation, each called with checked inputs (query as [B, D], lengths as [B]) and
-# returning (out [B, D], scores [B, T] or None). "torch" is the fast PyTorch path, where registered.
-IMPLEMENTATIONS = {"triton": _attention_pool_triton, "reference": _attention_pool_reference}
+# returning (out [B, D], scores [B, T] or None). "torch" is the fast PyTorch path (fastdin.packed).
+IMPLEMENTATIONS = {"triton": _attention_pool_triton, "torch": _attention_pool_torch,
+                   "reference": _attention_pool_reference}
+# the implementations that take jagged keys [N, D] with offsets [B + 1] (as the keyword `offsets`)
+JAGGED = ("triton", "torch", "reference")
 
 
 def attention_pool(
@@ -393,21 +424,26 @@ def attention_pool(
     return_scores: bool = False,
     dice_stats: str = "valid",
     backend: Optional[str] = None,
+    offsets: Optional[Tensor] = None,
 ):
     """DIN's local activation unit + mask + weighted sum; see `fastdin.reference.attention_pool`.
 
     query is [B, D] or [B, 1, D]; the output keeps its rank. Returns (out, scores) with
     `return_scores`, where scores [B, T] are the weights used, after masking and softmax.
+    Jagged input: keys [N, D] with offsets [B + 1] (int64, from 0 to N); scores then come back as [N].
     """
     query_rank = query.dim() if isinstance(query, Tensor) else 0
     query2d, lengths = check_attention_inputs(
-        query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats
+        query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats, offsets
     )
     gap = attention_kernel_gap(keys, weights, activation, act_params)
+    if offsets is not None and gap is None:  # only the packed-rows kernels take jagged keys
+        gap = attention_packed.packed_gap(keys, weights, activation, act_params)
     chosen = choose_backend(backend, keys.device, gap, "attention_pool", has_torch_path="torch" in IMPLEMENTATIONS)
+    jagged = {} if offsets is None else {"offsets": offsets}
     out, scores = IMPLEMENTATIONS[chosen](
         query2d, keys, weights, biases, activation, act_params, lengths, mask, normalization, return_scores,
-        dice_stats,
+        dice_stats, **jagged,
     )
     if query_rank == 3:
         out = out.unsqueeze(1)

@@ -89,3 +89,21 @@ def require_dice_rows(rows: int) -> None:
         raise ValueError(f"Dice in training needs more than one (valid) row to take batch statistics, got {rows}")
 
 
+
+
+def check_offsets(offsets, rows: int, lengths: Optional[Tensor], mask: Optional[Tensor]) -> int:
+    """Check jagged offsets: int64 [B + 1], from 0, non-decreasing, ending at N = rows; returns B."""
+    if lengths is not None or mask is not None:
+        raise ValueError("jagged keys take offsets alone: pass lengths or mask only with padded keys [B, T, D]")
+    require_tensor("offsets", offsets)
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"offsets must be an int64 tensor [B + 1] (values+offsets convention), got dtype {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"offsets must be 1-D with B + 1 entries, got shape {list(offsets.shape)}")
+    if checking_values(offsets):
+        first, last = offsets[0].item(), offsets[-1].item()
+        if first != 0 or last != rows:
+            raise ValueError(f"offsets must start at 0 and end at N = keys.shape[0] = {rows}, got {first} and {last}")
+        if offsets.shape[0] > 1 and bool((offsets.diff() < 0).any()):
+            raise ValueError("offsets must be non-decreasing (user b's rows are offsets[b]:offsets[b+1])")
+    return offsets.shape[0] - 1
