@@ -428,7 +428,10 @@ def _attention_pool_fwd_kernel(
     st_mean = tl.zeros([BLOCK_HS], dtype=tl.float32)
     st_m2 = tl.zeros([BLOCK_HS], dtype=tl.float32)
 
-    for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
+    for b in range(pid, B, num_programs):
+        # int64: b * stride can pass 2^31. Cast inside the loop: the interpreter drops the type of
+        # an int64 range start (tests/test_layouts.py checks the offsets past 2^31 on the CPU)
+        b64 = tl.cast(b, tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
         W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -581,7 +584,10 @@ def _attention_pool_bwd_kernel(
     dwo_acc = tl.zeros([BLOCK_HL], dtype=tl.float32)
     dbo_acc = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
 
-    for b64 in range(pid.to(tl.int64), B, num_programs):  # int64: b * stride can pass 2^31
+    for b in range(pid, B, num_programs):
+        # int64: b * stride can pass 2^31. Cast inside the loop: the interpreter drops the type of
+        # an int64 range start (tests/test_layouts.py checks the offsets past 2^31 on the CPU)
+        b64 = tl.cast(b, tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
         g = tl.load(grad_out_ptr + b64 * stride_gb + offs_d * stride_gd, mask=dmask, other=0.0).to(tl.float32)
         W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
@@ -730,7 +736,8 @@ def _layer_args(weights, biases, act_tensors, activation, dice_eps, affine):
             groups.append((None,) * 7 + (0, 0, 0.0))
             continue
         w, b = weights[layer], biases[layer]
-        params = list(act_tensors[layer * per_layer:(layer + 1) * per_layer]) + [None] * 5
+        # the kernel reads the activation parameters with stride 1 (a column of a table is copied)
+        params = [p.contiguous() for p in act_tensors[layer * per_layer:(layer + 1) * per_layer]] + [None] * 5
         a_stride = 0
         if activation == "prelu":
             a_stride = 0 if params[0].numel() == 1 else 1
@@ -756,6 +763,8 @@ def _common_meta(keys, weights, activation, affine, block_t, tile_budget):
 
 
 def _positions(lengths: Optional[Tensor], mask: Optional[Tensor]):
+    # the kernel reads lengths at len_ptr + b: [B] with stride 1 (a column of a table is copied)
+    lengths = lengths.contiguous() if lengths is not None else None
     # a bool mask is read as bytes (a view, no copy)
     mask_bytes = mask.view(torch.uint8) if mask is not None else None
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)

@@ -361,6 +361,11 @@ def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t as a stride-1 vector, as the kernels index it (reshape(-1) alone keeps a column's stride)."""
+    return None if t is None else t.reshape(-1).contiguous()
+
+
 def dice_forward(
     x: torch.Tensor, alpha: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     running_mean: torch.Tensor, running_var: torch.Tensor, mask: Optional[torch.Tensor], training: bool,
@@ -389,13 +394,13 @@ def dice_forward(
     if training:
         parts = torch.empty(3, config.row_programs, n_feat, dtype=torch.float32, device=x.device)
         _dice_stats_kernel[config.grid](
-            x, None if mask is None else mask.reshape(-1), parts,
+            x, _flat(mask), parts,
             n_rows, n_feat, config.row_programs, rows_per_outer, stride_outer, stride_inner, config.rows_per_prog,
             HAS_MASK=mask is not None, **config.blocks,
         )
     affine = weight is not None
     _dice_fwd_kernel[config.grid](
-        x, out, alpha.reshape(-1), weight.reshape(-1) if affine else None, bias.reshape(-1) if affine else None,
+        x, out, _flat(alpha), _flat(weight), _flat(bias),
         parts, stats, run_mean, run_var,
         n_rows, n_feat, config.row_programs, rows_per_outer, stride_outer, stride_inner, config.rows_per_prog,
         float(momentum), float(eps),
@@ -425,7 +430,7 @@ def dice_backward(
     n_rows = x.numel() // n_feat
     config = _Grid(n_rows, n_feat, x.device, block_rows, block_features, row_programs)
     affine = weight is not None
-    flat = [t.reshape(-1) if t is not None else None for t in (alpha, weight, bias)]
+    flat = [_flat(t) for t in (alpha, weight, bias)]
     parts = torch.empty(3, config.row_programs, n_feat, dtype=torch.float32, device=x.device)
     rows_per_outer, x_stride_outer, x_stride_inner = _row_view(x)
     _, dy_stride_outer, dy_stride_inner = _row_view(grad_out)
@@ -440,7 +445,7 @@ def dice_backward(
     dweight = torch.empty_like(flat[1]) if affine else None
     dbias = torch.empty_like(flat[2]) if affine else None
     _dice_bwd_dx_kernel[config.grid](
-        x, grad_out, None if mask is None else mask.reshape(-1), dx, *flat, stats, parts,
+        x, grad_out, _flat(mask), dx, *flat, stats, parts,
         dalpha, dweight, dbias,
         n_rows, n_feat, config.row_programs, rows_per_outer, x_stride_outer, x_stride_inner,
         dy_stride_outer, dy_stride_inner, config.rows_per_prog,

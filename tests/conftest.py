@@ -32,3 +32,6 @@ def on_kernel_device():
     """New tensors and modules default to the kernels' device (CUDA on a GPU machine, else the CPU)."""
     with torch.device(DEVICES[0]):
         yield
+
+# tests/mutation/run.py is an on-demand mutation check, not a test module
+collect_ignore = ["mutation"]
