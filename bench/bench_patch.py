@@ -51,6 +51,8 @@ def rechub():
 def recbole():
     from recbole.model.sequential_recommender import DIN
 
+    torch.autograd.set_detect_anomaly(False)  # RecBole 1.2.1 turns it on for the whole process on import
+
     config, dataset, batches = peer_models.recbole_ml100k(tempfile.mkdtemp(), seq_len=SEQ_LEN, dim=10,
                                                           hidden=(256, 256, 256), batch=BATCH, batches=1)
     inter = batches[0]

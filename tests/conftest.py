@@ -35,3 +35,11 @@ def on_kernel_device():
 
 # tests/mutation/run.py is an on-demand mutation check, not a test module
 collect_ignore = ["mutation"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: the recompiles of code objects that many tests compile (the
+    ops, the layers) would otherwise add up across the session to dynamo's recompile limit."""
+    yield
+    torch._dynamo.reset()
