@@ -187,3 +187,22 @@ def test_inductor_din_with_dice_attention():
             "hist_items": torch.randint(1, 20, (batch, seq_len)), "hist_categories": torch.randint(1, 5, (batch, seq_len)),
             "lengths": lengths}})
     _compare_compiled("DIN dice", model, inputs, train=True)
+
+
+def test_per_user_kernels_softmax_give_zeros_for_a_user_with_no_valid_position(monkeypatch):
+    """The per-user kernels (they run fp32 on CUDA, training-mode Dice and wide layers) with softmax: a
+    user of length 0 gets a zero output and zero weights, never uniform weights over its padding. On
+    the CPU the packed kernels take this case, so they are turned off here."""
+    from fastdin.ops import attention_packed
+
+    monkeypatch.setattr(attention_packed, "packed_gap", lambda *args, **kwargs: "the per-user kernels, for this test")
+    B, T, D = 3, 5, 4
+    query, keys = torch.randn(B, D), torch.randn(B, T, D)
+    weights, biases = [torch.randn(6, 4 * D), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    lengths = torch.tensor([5, 0, 2])
+    results = {backend: functional.attention_pool(query, keys, weights, biases, lengths=lengths, normalization="softmax",
+                                                  return_scores=True, backend=backend)
+               for backend in ("triton", "reference")}
+    (out, scores), (want_out, want_scores) = results["triton"], results["reference"]
+    assert torch.equal(out[1], torch.zeros(D)) and torch.equal(scores[1], torch.zeros(T))
+    assert torch.allclose(out, want_out, atol=1e-5) and torch.allclose(scores, want_scores, atol=1e-6)
