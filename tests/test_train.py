@@ -80,9 +80,11 @@ def test_sparse_embeddings_train_as_dense_ones(optimizer, lr, steps):
     assert torch.equal(dense["embeddings.item.weight"][~seen], initial[~seen])
     for name in dense:
         if name.startswith("embeddings.") and optimizer == "adam":
-            # SparseAdam adds eps before the bias correction, Adam after: rows with gradients near
-            # eps (1e-8) step differently, the others agree
-            torch.testing.assert_close(sparse[name], dense[name], rtol=0, atol=0.3 * lr, msg=name)
+            # SparseAdam adds eps before the bias correction, Adam after: after one step a row with
+            # gradient g moves lr g / (|g| + eps) under Adam and lr g / (|g| + c eps) under SparseAdam,
+            # c = 1 / sqrt(1 - beta2) = 31.6; the difference peaks at |g| = sqrt(c) eps, at 0.70 lr
+            # (seed 1 put a row past the 0.3 lr once used here), and rows with |g| >> eps agree
+            torch.testing.assert_close(sparse[name], dense[name], rtol=0, atol=0.7 * lr, msg=name)
         else:
             torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-6, msg=name)
 
