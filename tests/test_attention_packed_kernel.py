@@ -40,6 +40,7 @@ class Case:
     layout: str = "contiguous"  # "contiguous" | "strided" | "expanded" (padded input only)
     shared_slope: bool = True
     dice_affine: bool = False
+    dice_eps: float = 1e-5  # 0.5: comparable to the running variances in [0.5, 1.5), so eps counts
     block_m: int = 16
     programs: int = 2
     lengths: Optional[Sequence[int]] = None  # fixed lengths, else random in [0, T] with the last 0
@@ -47,7 +48,7 @@ class Case:
     def __str__(self):
         return (f"D{self.dim}-H{'x'.join(map(str, self.hidden))}-{self.activation}-T{self.seq_len}-B{self.batch}-"
                 f"{self.positions}-{'softmax' if self.softmax else 'none'}-{self.layout}-M{self.block_m}-"
-                f"P{self.programs}")
+                f"P{self.programs}" + (f"-eps{self.dice_eps}" if self.activation == "dice" else ""))
 
 
 def make_inputs(case: Case):
@@ -105,7 +106,7 @@ def reference_results(case: Case, x, grad_out, grad_scores, dtype=torch.float64)
         for i, layer in enumerate(x["acts"]):
             a = acts[i * per:(i + 1) * per]
             act_params.append(DiceParams(a[0], layer[1].to(dtype), layer[2].to(dtype), *(a[1:] if per == 3 else ()),
-                                         training=False, eps=1e-5))
+                                         training=False, eps=case.dice_eps))
     else:
         act_params = None
     out, scores = reference.attention_pool(
@@ -150,11 +151,12 @@ def kernel_results(case: Case, x, dtype, grad_out, grad_scores, programs=None):
     acts = [[t.to(DEVICE) for t in layer] for layer in acts]
     common = dict(block_m=case.block_m, num_programs=programs or case.programs)
     out, scores, lse = packed.packed_attention_forward(
-        query, keys, weights, biases, acts, rows, case.activation, 1e-5, case.dice_affine, case.softmax, case.scores,
+        query, keys, weights, biases, acts, rows, case.activation, case.dice_eps, case.dice_affine, case.softmax,
+        case.scores,
         **common)
     grads = packed.packed_attention_backward(
         grad_out.to(dtype).to(DEVICE), g_scores.to(DEVICE) if case.scores else None, query, keys, weights, biases,
-        acts, rows, out, scores, lse, case.activation, 1e-5, case.dice_affine, case.softmax, **common)
+        acts, rows, out, scores, lse, case.activation, case.dice_eps, case.dice_affine, case.softmax, **common)
     if case.positions == "jagged":  # back to the padded layout of the reference
         full = torch.zeros(case.batch, case.seq_len, dtype=dtype)
         if scores is not None:
@@ -210,6 +212,7 @@ CASES = [
     Case(32, (80, 40), "sigmoid", seq_len=70, batch=3, softmax=True, block_m=64, lengths=[70, 65, 3]),  # T > block
     Case(16, (20, 12, 6), "sigmoid", positions="all", batch=2, block_m=32),
     Case(5, (6, 7, 8, 9), "relu", seq_len=19, positions="jagged", softmax=True, programs=3),
+    Case(6, (9, 4), "dice", seq_len=11, dice_affine=True, dice_eps=0.5),
 ]
 
 

@@ -13,6 +13,7 @@ from conftest import DEVICES
 from layout_helpers import assert_within_policy
 
 from fastdin import reference
+from fastdin.kernels import attention_packed as packed_kernels
 from fastdin.kernels import attention_pool as attention_kernels
 from fastdin.kernels import dice as dice_kernels
 
@@ -40,14 +41,30 @@ def place(huge, values, at):
     return view
 
 
-def test_attention_offsets_past_2_31(huge):
-    B, T, D, hidden = 3, 5, 4, (6, 3)
+def attention_inputs(B, T, D, hidden):
     query, keys = torch.randn(B, D), torch.randn(B, T, D)
     grad_out, grad_scores = torch.randn(B, D), torch.randn(B, T)
     sizes = [4 * D, *hidden, 1]
     weights = [torch.randn(o, i) * i ** -0.5 for i, o in zip(sizes[:-1], sizes[1:])]
     biases = [torch.randn(o) * 0.5 for o in sizes[1:]]
     slopes = [torch.rand(h) * 0.5 for h in hidden]
+    return query, keys, grad_out, grad_scores, weights, biases, slopes
+
+
+def attention_reference(query, keys, grad_out, grad_scores, weights, biases, slopes, lengths, dtype):
+    leaves = [t.to(dtype).requires_grad_() for t in (query, keys, *weights, *biases, *slopes)]
+    n = len(weights)
+    w, b, a = leaves[2:2 + n], leaves[2 + n:2 + 2 * n], leaves[2 + 2 * n:]
+    out, scores = reference.attention_pool(leaves[0], leaves[1], w, b, activation="prelu", act_params=a,
+                                           lengths=lengths, normalization="softmax", return_scores=True)
+    return [out, scores, *torch.autograd.grad((out, scores), leaves, (grad_out.to(dtype), grad_scores.to(dtype)))]
+
+
+def test_attention_offsets_past_2_31(huge):
+    """The per-user kernels: a user's addresses are b * stride."""
+    B, T, D, hidden = 3, 5, 4, (6, 3)
+    inputs = attention_inputs(B, T, D, hidden)
+    query, keys, grad_out, grad_scores, weights, biases, slopes = inputs
     lengths = torch.tensor([T, 3, 2])
     far = [place(huge, t, at) for t, at in ((query, 0), (keys, 1024), (grad_out, 2048), (grad_scores, 3072))]
     out, scores, lse = attention_kernels.attention_pool_forward(
@@ -55,17 +72,30 @@ def test_attention_offsets_past_2_31(huge):
     delta = (out * grad_out).sum(-1) + (scores * grad_scores).sum(-1)
     grads = attention_kernels.attention_pool_backward(
         far[2], far[3], far[0], far[1], weights, biases, slopes, lengths, None, lse, delta, "prelu", 0.0, False, True)
-
-    def reference_run(dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (query, keys, *weights, *biases, *slopes)]
-        w, b, a = leaves[2:5], leaves[5:8], leaves[8:]
-        out, scores = reference.attention_pool(leaves[0], leaves[1], w, b, activation="prelu", act_params=a,
-                                               lengths=lengths, normalization="softmax", return_scores=True)
-        return [out, scores, *torch.autograd.grad((out, scores), leaves, (grad_out.to(dtype), grad_scores.to(dtype)))]
-
     score_bias = 2 + 2 + len(weights) + len(biases) - 1  # 0 under softmax
-    assert_within_policy([out, scores, *grads], reference_run(torch.float64), reference_run(torch.float32),
-                         torch.float32, score_bias)
+    assert_within_policy([out, scores, *grads], attention_reference(*inputs, lengths, torch.float64),
+                         attention_reference(*inputs, lengths, torch.float32), torch.float32, score_bias)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_packed_attention_offsets_past_2_31(huge, block_m):
+    """The packed-rows kernels: a row's key address is user * stride_kb + t * stride_kt, the query's
+    and grad_out's user * stride (2 programs, one or several users per tile)."""
+    B, T, D, hidden = 3, 5, 4, (6, 3)
+    inputs = attention_inputs(B, T, D, hidden)
+    query, keys, grad_out, grad_scores, weights, biases, slopes = inputs
+    lengths = torch.tensor([T, 3, 2])
+    far = [place(huge, t, at) for t, at in ((query, 0), (keys, 1024), (grad_out, 2048), (grad_scores, 3072))]
+    acts = [[s] for s in slopes]
+    rows = packed_kernels.packed_rows(lengths=lengths)
+    out, scores, lse = packed_kernels.packed_attention_forward(
+        far[0], far[1], weights, biases, acts, rows, "prelu", 0.0, False, True, True, block_m=block_m)
+    grads = packed_kernels.packed_attention_backward(
+        far[2], far[3], far[0], far[1], weights, biases, acts, rows, out, scores, lse, "prelu", 0.0, False, True,
+        block_m=block_m)
+    score_bias = 2 + 2 + len(weights) + len(biases) - 1  # 0 under softmax
+    assert_within_policy([out, scores, *grads], attention_reference(*inputs, lengths, torch.float64),
+                         attention_reference(*inputs, lengths, torch.float32), torch.float32, score_bias)
 
 
 @pytest.mark.parametrize("training", [True, False])
