@@ -770,21 +770,11 @@ def _num_programs(device: torch.device, rows_bound: int, block_m: int, per_sm: i
     return max(1, min(sms * per_sm, triton.cdiv(max(rows_bound, 1), block_m)))
 
 
-@functools.lru_cache(maxsize=None)
-def _static_meta(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: bool, tf32: bool):
-    """The constexprs that depend only on shapes, dtypes and flags (cached: no next_power_of_2 per call)."""
-    padded = tuple(_block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
-    return dict(BLOCK_D=_block(dim), BH=padded, NUM_LAYERS=len(hidden),
-                ACT=ACT_CODES[activation], AFFINE=affine, DT=_TRITON_DTYPES[dtype],
-                PRECISION="tf32" if tf32 else "ieee")
-
-
-@functools.lru_cache(maxsize=None)
 def _grad_layout(dim: int, hidden: tuple, activation: str, affine: bool, slope_sizes: tuple):
     """[(shape, offset)] of every weight gradient in the flat partials buffer, in the order of
     [*weights, *biases, *trainable activation parameters]; the kernel stores layer by layer:
     W_l, b_l, act_l for each hidden layer, then the score layer's weight and bias. Returns
-    (weights, biases, acts, total width)."""
+    (that list, total width)."""
     fan_in, offset = 4 * dim, 0
     weights, biases, acts = [], [], []
     for layer, width in enumerate(hidden):
@@ -804,7 +794,30 @@ def _grad_layout(dim: int, hidden: tuple, activation: str, affine: bool, slope_s
     offset += fan_in
     biases.append(((1,), offset))
     offset += 1
-    return weights, biases, acts, offset
+    return weights + biases + acts, offset
+
+
+class _Plan(NamedTuple):
+    """What a launch needs that depends only on shapes, dtypes and flags: built once per combination
+    (no next_power_of_2, no layout arithmetic per call)."""
+
+    meta: dict  # the constexprs both kernels take
+    hid: tuple  # hidden sizes padded to MAX_HIDDEN_LAYERS entries (absent layers are never read)
+    width: int  # floats per program in the weight-gradient partials
+    reduce_grid: tuple
+    grads: tuple  # (shape, stride, offset) in the flat buffer of each of [*weights, *biases, *acts]
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: bool, tf32: bool,
+          slope_sizes: tuple) -> _Plan:
+    padded = tuple(_block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
+    meta = dict(BLOCK_D=_block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
+                DT=_TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
+    entries, width = _grad_layout(dim, hidden, activation, affine, slope_sizes)
+    grads = tuple((shape, (shape[1], 1) if len(shape) == 2 else (1,), offset) for shape, offset in entries)
+    return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)), width,
+                 ((width + REDUCE_BLOCK - 1) // REDUCE_BLOCK,), grads)
 
 
 def _tuples(weights, biases, act_tensors, activation):
@@ -821,24 +834,19 @@ def _tuples(weights, biases, act_tensors, activation):
     return weights, biases, tuple(acts + acts[:1] * absent), tuple(slope_strides + [1] * absent)
 
 
-def _common(query, keys, weights, rows: PackedRows, activation, dice_affine):
-    jagged = rows.jagged
-    batch = query.shape[0]
-    if jagged:
+def _launch_plan(query, keys, weights, act_tensors, rows: PackedRows, activation, dice_affine):
+    """(batch, T, N values, keys' strides over users and rows, plan)."""
+    if rows.jagged:
         seq_len, n_values = 0, keys.shape[0]
         stride_kb, stride_kt = 0, keys.stride(0)
     else:
         seq_len, n_values = keys.shape[1], 0
         stride_kb, stride_kt = keys.stride(0), keys.stride(1)
-    hidden = tuple(w.shape[0] for w in weights[:-1])
+    hidden = tuple([w.shape[0] for w in weights[:-1]])
     tf32 = keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    meta = _static_meta(query.shape[1], hidden, keys.dtype, activation, dice_affine, tf32)
-    return batch, seq_len, n_values, stride_kb, stride_kt, hidden, meta
-
-
-@functools.lru_cache(maxsize=None)
-def _padded_hidden(hidden: tuple) -> tuple:
-    return hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden))
+    slope_sizes = tuple([a[0].numel() for a in act_tensors]) if activation == "prelu" else ()
+    plan = _plan(query.shape[1], hidden, keys.dtype, activation, dice_affine, tf32, slope_sizes)
+    return query.shape[0], seq_len, n_values, stride_kb, stride_kt, plan
 
 
 def packed_attention_forward(
@@ -852,8 +860,8 @@ def packed_attention_forward(
     other strides, stride 0 over B too). scores has keys' layout without D: [B, T] (zeros at the
     padding) or [N]. act_tensors per hidden layer: [slope] (prelu), [alpha, running_mean, running_var
     (, weight, bias)] (Dice, eval). The lse is the softmax log-sum-exp the backward needs."""
-    batch, seq_len, n_values, stride_kb, stride_kt, hidden, meta = _common(query, keys, weights, rows, activation,
-                                                                           dice_affine)
+    batch, seq_len, n_values, stride_kb, stride_kt, plan = _launch_plan(query, keys, weights, act_tensors, rows,
+                                                                        activation, dice_affine)
     device = keys.device
     dim = query.shape[1]
     out = _new((batch, dim), keys.dtype, device)
@@ -871,11 +879,11 @@ def packed_attention_forward(
     stride_sb, stride_st = (0, 1) if rows.jagged else (seq_len, 1)
     _packed_fwd_kernel[(programs,)](
         query, keys, rows.source, rows.positions, offs, out, scores, raw, lse,
-        W, BIAS, ACTP, SLOPE, _padded_hidden(hidden), float(dice_eps),
+        W, BIAS, ACTP, SLOPE, plan.hid, float(dice_eps),
         batch, seq_len, dim, n_values, batch.bit_length(),
         query.stride(0), stride_kb, stride_kt, out.stride(0), stride_sb, stride_st,
         BLOCK_M=block, BLOCK_B=BLOCK_B, JAGGED=rows.jagged, POS_MAP=rows.positions is not None,
-        SOFTMAX=softmax, STORE_SCORES=return_scores, num_warps=NUM_WARPS_FWD, num_stages=NUM_STAGES, **meta,
+        SOFTMAX=softmax, STORE_SCORES=return_scores, num_warps=NUM_WARPS_FWD, num_stages=NUM_STAGES, **plan.meta,
     )
     return out, scores, lse
 
@@ -892,13 +900,12 @@ def packed_attention_backward(
     Returns [dquery, dkeys, *dweights, *dbiases, *dact] where dact holds per hidden layer the slope's
     gradient (prelu) or Dice's alpha (and weight, bias with affine). The weight gradients are fp32
     views of one buffer, cast to the parameters' dtype where that differs."""
-    batch, seq_len, n_values, stride_kb, stride_kt, hidden, meta = _common(query, keys, weights, rows, activation,
-                                                                           dice_affine)
+    batch, seq_len, n_values, stride_kb, stride_kt, plan = _launch_plan(query, keys, weights, act_tensors, rows,
+                                                                        activation, dice_affine)
     device = keys.device
     dim = query.shape[1]
     W, BIAS, ACTP, SLOPE = _tuples(weights, biases, act_tensors, activation)
-    slope_sizes = tuple(a[0].numel() for a in ACTP[:len(hidden)]) if activation == "prelu" else ()
-    w_layout, b_layout, a_layout, width = _grad_layout(dim, hidden, activation, dice_affine, slope_sizes)
+    width = plan.width
     block = block_m or BLOCK_M
     programs = num_programs or _num_programs(device, n_values if rows.jagged else batch * seq_len, block, 1)
     dq = _new((batch, dim), query.dtype, device)
@@ -917,40 +924,20 @@ def packed_attention_backward(
         _packed_bwd_kernel[(programs,)](
             query, keys, rows.source, rows.positions, offs, out, lse, scores, grad_out, grad_scores, delta,
             dq, dk, parts,
-            W, BIAS, ACTP, SLOPE, _padded_hidden(hidden), float(dice_eps),
+            W, BIAS, ACTP, SLOPE, plan.hid, float(dice_eps),
             batch, seq_len, dim, n_values, batch.bit_length(), width,
             query.stride(0), stride_kb, stride_kt, out.stride(0), stride_sb, stride_st, *grad_out.stride(),
             *gs_strides, *dk_strides,
             BLOCK_M=block, BLOCK_B=BLOCK_B, JAGGED=rows.jagged, POS_MAP=rows.positions is not None,
-            SOFTMAX=softmax, HAS_GRAD_SCORES=has_gs, num_warps=NUM_WARPS_BWD, num_stages=NUM_STAGES, **meta,
+            SOFTMAX=softmax, HAS_GRAD_SCORES=has_gs, num_warps=NUM_WARPS_BWD, num_stages=NUM_STAGES, **plan.meta,
         )
-        _sum_partials_kernel[(triton.cdiv(width, REDUCE_BLOCK),)](parts, flat, programs, width, BLOCK=REDUCE_BLOCK)
+        _sum_partials_kernel[plan.reduce_grid](parts, flat, programs, width, BLOCK=REDUCE_BLOCK)
     params = list(weights) + list(biases)
     params += [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
-    sizes, piece_of = _split_plan(dim, hidden, activation, dice_affine, slope_sizes)
-    pieces = flat.split(sizes)
     grads = []
-    for piece, p in zip(piece_of, params):
-        g = pieces[piece]
+    for (shape, stride, offset), p in zip(plan.grads, params):  # views of the flat buffer
+        g = flat.as_strided(shape, stride, offset)
         if g.shape != p.shape:
             g = g.view(p.shape)
         grads.append(g if g.dtype == p.dtype else g.to(p.dtype))
     return [dq, dk, *grads]
-
-
-@functools.lru_cache(maxsize=None)
-def _split_plan(dim: int, hidden: tuple, activation: str, affine: bool, slope_sizes: tuple):
-    """(sizes that split the flat buffer into its pieces in memory order, the piece of each of
-    [*weights, *biases, *acts] in turn): the kernel stores layer by layer (W, b, act), the
-    gradients are returned weights first."""
-    w_layout, b_layout, a_layout, width = _grad_layout(dim, hidden, activation, affine, slope_sizes)
-    entries = w_layout + b_layout + a_layout
-    by_offset = sorted(range(len(entries)), key=lambda i: entries[i][1])
-    sizes = []
-    for i in by_offset:
-        numel = 1
-        for n in entries[i][0]:
-            numel *= n
-        sizes.append(numel)
-    piece_of = [by_offset.index(i) for i in range(len(entries))]
-    return tuple(sizes), tuple(piece_of)

@@ -8,7 +8,6 @@ from fastdin.testing import error_bound, relative_errors
 
 from fastdin import DIN, AttentionPooling, functional, reference, set_value_checks
 from fastdin.jagged import jagged_to_padded
-from fastdin.ops import attention as attention_op
 from fastdin.reference import DiceParams
 
 F64 = torch.float64
@@ -215,13 +214,6 @@ def test_value_checks_off_skip_the_offsets_values():
             pool(torch.randn(3, 8), torch.randn(10, 8), offsets=torch.tensor([0, 4, 4, 10], dtype=torch.int32))
     finally:
         set_value_checks(previous)
-
-
-@pytest.mark.skipif("triton" in attention_op.JAGGED, reason="a Triton kernel takes jagged keys")
-def test_triton_backend_names_the_gap():
-    pool = AttentionPooling(8, (5,), backend="triton")
-    with pytest.raises(NotImplementedError, match="jagged"):
-        pool(torch.randn(3, 8), torch.randn(10, 8), offsets=torch.tensor([0, 4, 4, 10]))
 
 
 @pytest.mark.parametrize("pooling", ["attention", "sum"])

@@ -15,7 +15,6 @@ from layout_helpers import (ATTENTION_LAYOUTS, JAGGED_LAYOUTS, AttentionSetup, a
 
 from fastdin import functional
 from fastdin.kernels import attention_pool as attention_kernels
-from fastdin.ops import attention as attention_ops
 from fastdin.ops import attention_packed as attention_packed_ops
 
 BACKENDS = ("reference", "torch", "triton")
@@ -62,12 +61,6 @@ def test_attention_layout(setup, layout, backend, device, monkeypatch):
 @pytest.mark.parametrize("setup", SETUPS, ids=str)
 def test_attention_jagged_layout(setup, layout, backend, device):
     """Jagged keys [N, D] + offsets against the padded float64 reference of the same rows."""
-    if not hasattr(attention_ops, "JAGGED"):
-        pytest.skip("no jagged input (fastdin.packed) on this branch yet")
-    if backend not in attention_ops.JAGGED:
-        with pytest.raises(NotImplementedError, match="jagged"):
-            run_attention(setup, *lay_out(attention_values(setup, layout, device), layout, torch.float32), backend)
-        return
     values = attention_values(setup, layout, device)
     want = as_jagged(run_attention(setup, *lay_out(values, "contiguous", torch.float64), "reference"), values)
     same_dtype = as_jagged(run_attention(setup, *lay_out(values, "contiguous", torch.float32), "reference"), values)

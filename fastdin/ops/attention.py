@@ -68,14 +68,20 @@ def check_attention_inputs(query, keys, weights, biases, activation, act_params,
         if dice_stats == "valid" and positions is not None and checking_values(positions):
             rows = int(positions.sum().item())
         require_dice_rows(rows)
-    named = {"query": query, "keys": keys, "lengths": lengths, "mask": mask, "offsets": offsets}
-    named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
-    named.update({f"biases[{i}]": b for i, b in enumerate(biases)})
-    if activation == "prelu":
-        named.update({f"act_params[{i}]": p for i, p in enumerate(act_params)})
-    if activation == "dice":
-        named.update({f"act_params[{i}].alpha": p.alpha for i, p in enumerate(act_params)})
-    require_same_device(named)
+    def named():  # built only to name a mismatch
+        tensors = {"query": query, "keys": keys, "lengths": lengths, "mask": mask, "offsets": offsets}
+        tensors.update({f"weights[{i}]": w for i, w in enumerate(weights)})
+        tensors.update({f"biases[{i}]": b for i, b in enumerate(biases)})
+        if activation == "prelu":
+            tensors.update({f"act_params[{i}]": p for i, p in enumerate(act_params)})
+        if activation == "dice":
+            tensors.update({f"act_params[{i}].alpha": p.alpha for i, p in enumerate(act_params)})
+        return tensors
+
+    device = keys.device
+    acts = act_params if activation == "prelu" else [p.alpha for p in act_params] if activation == "dice" else []
+    if any(t is not None and t.device != device for t in (query, lengths, mask, offsets, *weights, *biases, *acts)):
+        require_same_device(named())
     return query, lengths
 
 
@@ -426,8 +432,6 @@ def _attention_pool_torch(query, keys, weights, biases, activation, act_params, 
 # returning (out [B, D], scores [B, T] or None). "torch" is the fast PyTorch path (fastdin.packed).
 IMPLEMENTATIONS = {"triton": _attention_pool_triton, "torch": _attention_pool_torch,
                    "reference": _attention_pool_reference}
-# the implementations that take jagged keys [N, D] with offsets [B + 1] (as the keyword `offsets`)
-JAGGED = ("triton", "torch", "reference")
 
 
 def attention_pool(
@@ -460,10 +464,9 @@ def attention_pool(
     if offsets is not None and gap is None:  # only the packed-rows kernels take jagged keys
         gap = attention_packed.packed_gap(keys, weights, activation, act_params)
     chosen = choose_backend(backend, keys.device, gap, "attention_pool", has_torch_path="torch" in IMPLEMENTATIONS)
-    jagged = {} if offsets is None else {"offsets": offsets}
     out, scores = IMPLEMENTATIONS[chosen](
         query2d, keys, weights, biases, activation, act_params, lengths, mask, normalization, return_scores,
-        dice_stats, **jagged,
+        dice_stats, offsets,
     )
     if query_rank == 3:
         out = out.unsqueeze(1)

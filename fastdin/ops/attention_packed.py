@@ -6,6 +6,7 @@ export).
 kernels (fastdin.kernels.attention_pool) for the rest: training-mode Dice, and first layers too wide
 for a program's shared memory. Inputs arrive checked.
 """
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +32,7 @@ def _block(n: int) -> int:
     return max(16, 1 << max(n - 1, 0).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
 def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
     """Bytes of shared memory the backward program (the larger) needs on sm_90: its weights held in
     the compute dtype in two layouts (forward and backward operands). A fit to ptxas builds for sm_90
@@ -38,6 +40,11 @@ def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
     blocks = [_block(h) for h in hidden]
     elements = 3 * _block(dim) * blocks[0] + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
     return int(2.1 * elements * (4 if dtype == torch.float32 else 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(device: torch.device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", H200_SHARED_BYTES)
 
 
 def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
@@ -48,10 +55,8 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
         # sm_90 builds of the fp32 variants spill tens of KB per thread (ieee products run on FMAs;
         # tf32x3 needs 400 KB of shared memory): the per-user kernels stay until that is fixed
         return "float32 on CUDA runs on the per-user kernels"
-    hidden = tuple(w.shape[0] for w in weights[:-1])
-    limit = H200_SHARED_BYTES
-    if keys.is_cuda:
-        limit = getattr(torch.cuda.get_device_properties(keys.device), "shared_memory_per_block_optin", limit)
+    hidden = tuple([w.shape[0] for w in weights[:-1]])
+    limit = _shared_memory_limit(keys.device) if keys.is_cuda else H200_SHARED_BYTES
     if shared_memory_estimate(keys.shape[-1], hidden, keys.dtype) > limit:
         return f"D = {keys.shape[-1]} with hidden sizes {list(hidden)} needs more shared memory than {limit} B"
     return None
@@ -227,6 +232,9 @@ def attention_pool_packed(query, keys, weights, biases, activation, act_params, 
         out, scores, _lse = _packed_op(query, keys, list(weights), list(biases), act_flat, rows.source,
                                        rows.positions, rows.jagged, activation, dice_eps, dice_affine, softmax,
                                        return_scores, per_layer)
+    elif not torch.is_grad_enabled():  # inference: no autograd node to build
+        out, scores, _lse = _forward(query, keys, weights, biases, act_flat, rows.source, rows.positions, rows.jagged,
+                                     activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
     else:
         out, scores, _lse = _PackedAttentionFunction.apply(
             query, keys, rows.source, rows.positions, rows.jagged, activation, dice_eps, dice_affine, softmax,
