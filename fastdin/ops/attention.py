@@ -312,11 +312,9 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     # run in the autocast dtype; the kernel reads the weights as they are and converts them
     dtype = kernel_dtype(keys)
     query, keys = query.to(dtype), keys.to(dtype)
-    # the kernel takes any strides except in the last dim (keys expanded over B stay a view); it
-    # reads lengths[b] at len_ptr + b, so a strided view (table[:, 0]) is copied, B integers
+    # the kernel takes any strides except in the last dim (keys expanded over B stay a view); the
+    # launchers copy strided lengths (table[:, 0]), B integers
     query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]
-    if lengths is not None:
-        lengths = lengths.contiguous()
     weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
     biases = [b if b.stride(-1) == 1 else b.contiguous() for b in biases]
     act_tensors, dice_eps, dice_affine = _attention_act_tensors(activation, act_params)

@@ -93,9 +93,6 @@ MUTANTS = [
       "                w = tl.exp(s - lse)", "softmax backward: padded positions get softmax weights", ATTENTION_TESTS),
     M("attn-fwd-score-mask-dropped", ATTENTION, "                s = tl.where(valid, s, 0.0)\n                acc +=",
       "                acc +=", "no normalization: padded positions count in the output and the scores", ATTENTION_TESTS),
-    M("attn-softmax-empty-row-mask-dropped", ATTENTION, "p = tl.where(valid, tl.exp(s - m_new), 0.0)",
-      "p = tl.exp(s - m_new)", "softmax: padded positions of a row with no valid position so far get weight 1 "
-      "(a row of length 0 gets uniform weights instead of zeros)", ATTENTION_TESTS),
     M("attn-length-off-by-one", ATTENTION, "valid = valid & (offs_t < tl.load(len_ptr + b64))",
       "valid = valid & (offs_t <= tl.load(len_ptr + b64))", "position t = length counts as valid", ATTENTION_TESTS),
     Mutant("attn-bwd-tile-bound-off-by-one", ATTENTION, [("            tmask = offs_t < T\n", "            tmask = offs_t < T - 1\n")],
@@ -339,6 +336,14 @@ MUTANTS = [
 
 # Mutants that cannot change any result, kept to document why (run them with --equivalent).
 EQUIVALENT = [
+    Mutant("attn-softmax-empty-row-mask-dropped", ATTENTION,
+           [("p = tl.where(valid, tl.exp(s - m_new), 0.0)", "p = tl.exp(s - m_new)")],
+           "softmax: padded positions of a tile with no valid position so far get weight exp(0) = 1. Equivalent: "
+           "their keys are loaded as 0 (never read), so the pooled sum gets nothing; the normaliser they add is "
+           "multiplied by exp(-1e30 - m) = 0 as soon as a valid position raises the running max, and a row with "
+           "none gives 0 / l = 0 and lse = -1e30 + log(l) = -1e30 in fp32, as unmutated. Its test stays: "
+           "tests/test_padding_and_edge_cases.py::test_per_user_kernels_softmax_give_zeros_for_a_user_with_no_valid_position",
+           ATTENTION_TESTS),
     Mutant("attn-returned-scores-mask-dropped", ATTENTION,
            [("tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.where(valid, tl.exp(s - lse), 0.0), mask=tmask)",
              "tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.exp(s - lse), mask=tmask)")],
