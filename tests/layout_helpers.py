@@ -16,7 +16,8 @@ from fastdin.reference import DiceParams
 
 ATTENTION_LAYOUTS = ("contiguous", "weight_slice", "weight_transposed", "params_strided", "mask_strided",
                      "lengths_strided",
-                     "query_expanded", "keys_expanded", "keys_strided", "grad_stride0", "grad_strided")
+                     "query_expanded", "keys_expanded", "keys_strided", "keys_transposed", "grad_stride0",
+                     "grad_strided")
 # jagged keys [N, D] with offsets [B + 1] (the valid rows of the padded keys, user by user), plain or
 # a column slice of a wider tensor; scores and the keys' gradient then come back as [N] and [N, D]
 JAGGED_LAYOUTS = ("jagged", "jagged_strided")
@@ -122,6 +123,8 @@ def lay_out(values, layout: str, dtype, requires_grad: bool = True):
         wide = torch.randn(B, 2 * T, D + 3, dtype=dtype, device=k.device)
         wide[:, ::2, 1:D + 1] = k.to(dtype)
         keys = wide.requires_grad_(requires_grad)[:, ::2, 1:D + 1]
+    elif layout == "keys_transposed":  # stored [B, D, T]: stride 1 over T, not D (the kernels need a copy)
+        keys = leaf(k.transpose(1, 2).contiguous()).transpose(1, 2)
     else:
         keys = leaf(k)
     weights = []
