@@ -145,6 +145,15 @@ def _position(user, j, live, T, NV, len_ptr, pos_ptr, JAGGED: tl.constexpr, POS_
 
 
 @triton.jit
+def _same_user(user, u_begin, live):
+    """[M, M]: row r and live row r' belong to one user. Compared as int32 offsets from the program's
+    first user (its users number fewer than 2^31): an int64 [M, M] compare costs twice the registers
+    (sm_90 builds: 104 -> 20 B of forward spills)."""
+    local = (user - u_begin).to(tl.int32)
+    return (local[:, None] == local[None, :]) & live[None, :]
+
+
+@triton.jit
 def _segment_totals(same, values, DT: tl.constexpr):
     """For each row, the sum of `values` [M, X] over the rows of its user in this tile (`same` [M, M]:
     row r and live row r' belong to one user). A product with the 0/1 matrix: tensor cores for 16-bit
@@ -424,7 +433,7 @@ def _packed_fwd_kernel(
         carried = live & (user == carry_user)
         kf = k.to(tl.float32)
         last = tl.minimum(r0 + BLOCK_M, row_end) - 1  # the tile's last live row
-        same = (user[:, None] == user[None, :]) & live[None, :]
+        same = _same_user(user, u_begin, live)
         if SOFTMAX:
             s = tl.where(live, s, NEG)
             m = tl.max(tl.where(same, s[None, :], NEG), axis=1)  # per segment
@@ -617,7 +626,7 @@ def _packed_bwd_kernel(
             ends = live & (j == n - 1)
             w = tl.load(scores_ptr + user * stride_sb + t * stride_st, mask=live, other=0.0).to(tl.float32)
             gs = tl.load(gs_ptr + user * stride_gsb + t * stride_gst, mask=live, other=0.0).to(tl.float32)
-            same = (user[:, None] == user[None, :]) & live[None, :]
+            same = _same_user(user, u_begin, live)
             total = tl.sum(tl.where(same, (w * gs)[None, :], 0.0), axis=1) + tl.where(user == carry_user, carry, 0.0)
             tl.store(delta_ptr + user, total, mask=ends)
             last = tl.minimum(r0 + BLOCK_M, row_end) - 1
@@ -682,7 +691,7 @@ def _packed_bwd_kernel(
         tl.store(dk_ptr + user[:, None] * stride_dkb + t[:, None] * stride_dkt + offs_d[None, :], dk, mask=ok)
         # dq_b = sum over the user's rows of G1 Aq + k * (G1 Ap): segmented, carried across tiles
         carried = live & (user == carry_user)
-        same = (user[:, None] == user[None, :]) & live[None, :]
+        same = _same_user(user, u_begin, live)
         dq = _segment_totals(same, dxq + kf * dxp, DT) + tl.where(carried[:, None], carry_dq[None, :], 0.0)
         tl.store(dq_ptr + user[:, None] * D + offs_d[None, :], dq, mask=ends[:, None] & dmask[None, :])
         last = tl.minimum(r0 + BLOCK_M, row_end) - 1

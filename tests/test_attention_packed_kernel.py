@@ -403,9 +403,9 @@ def test_builds_for_sm90_with_wgmma_within_shared_memory(sm90_builds, case):
 
 # what ptxas spills today (bytes per thread, paper shape, bf16): the 0-byte target is not met yet;
 # strict, so a fix shows up as an unexpected pass
-SPILLING = {("paper", "bf16", False, "_packed_fwd_kernel"): "104 B", ("paper", "bf16", True, "_packed_fwd_kernel"): "44 B",
-            ("paper", "bf16", False, "_packed_bwd_kernel"): "about 3.2 KB",
-            ("paper", "bf16", True, "_packed_bwd_kernel"): "about 3.2 KB"}
+SPILLING = {("paper", "bf16", False, "_packed_fwd_kernel"): "20 B", ("paper", "bf16", True, "_packed_fwd_kernel"): "20-28 B",
+            ("paper", "bf16", False, "_packed_bwd_kernel"): "about 2.8 KB",
+            ("paper", "bf16", True, "_packed_bwd_kernel"): "about 2.9 KB"}
 SPILL_PARAMS = [pytest.param(case, kernel, id=f"{sm90_case_id(*case)}-{kernel}",
                              marks=[pytest.mark.xfail(strict=True, reason=f"spills {SPILLING[(*case, kernel)]}")]
                              if (*case, kernel) in SPILLING else [])
