@@ -110,7 +110,7 @@ def main() -> int:
             "embed_dim": args.embed_dim, "variant": variant, "best_epoch": m["best_epoch"],
             "valid_auc": round(m["valid_auc"], 5), "test_auc": round(test["auc"], 5),
             "test_gauc": round(test["gauc"], 5), "test_logloss": round(test["logloss"], 5),
-            "test_rows": test["rows"], "train_rows": m["train_rows"], "wall_s": round(m["wall_time_s"], 1),
+            "test_rows": test["rows"], "train_rows": m["train_rows"], "wall_s": float(f"{m['wall_time_s']:.3g}"),
         })
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out_path = args.out_dir / f"real_data_{name}_{device.type}.csv"
