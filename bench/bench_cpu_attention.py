@@ -21,12 +21,9 @@ steadier of the two). The CSV records the load average at the start.
     python bench/bench_cpu_attention.py --repeats 5 --iters 3 --no-csv   # a quick look
 """
 import argparse
-import copy
 import datetime
 import os
-import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -34,22 +31,12 @@ import torch.nn.functional as F
 from fastdin import DIN, AttentionPooling
 from fastdin.bench import report
 from fastdin.bench.cases import DeepCTRAttention
+from fastdin.bench.measure import device_name, interleaved_times
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 COLUMNS = ["date", "device_name", "torch", "deepctr_torch", "threads", "load_avg_1min", "clock", "measure", "lengths", "mean_length",
            "batch", "seq_len", "dim", "hidden", "mode", "impl", "median_ms", "p25_ms", "p75_ms",
            "speedup_vs_deepctr", "speedup_p25", "speedup_p75", "repeats", "iters", "rel_err"]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def draw_lengths(kind: str, batch: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -65,24 +52,6 @@ def draw_lengths(kind: str, batch: int, seq_len: int, generator: torch.Generator
 def quantiles(values):
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return q[0], statistics.median(values), q[2]
-
-
-def interleaved(steps: dict, repeats: int, iters: int, warmup: int = 2):
-    """({name: [wall seconds per call, one per repeat]}, the same in CPU seconds of this thread);
-    each repeat runs every step, in a rotating order."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    names = list(steps)
-    wall, cpu = {name: [] for name in names}, {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            for _ in range(iters):
-                steps[name]()
-            cpu[name].append((time.thread_time() - start_cpu) / iters)
-            wall[name].append((time.perf_counter() - start) / iters)
-    return wall, cpu
 
 
 def layer_steps(args, lengths_kind: str, generator: torch.Generator):
@@ -213,18 +182,18 @@ def main():
     import deepctr_torch
 
     common = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  device_name=cpu_name(), torch=torch.__version__, deepctr_torch=deepctr_torch.__version__,
+                  device_name=device_name(torch.device("cpu")), torch=torch.__version__, deepctr_torch=deepctr_torch.__version__,
                   threads=torch.get_num_threads(), load_avg_1min=round(os.getloadavg()[0], 2))
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     for lengths_kind in ("uniform", "skewed"):
         if "layer" in args.measures:
             steps, lengths, err = layer_steps(args, lengths_kind, generator)
-            rows += summarize(interleaved(steps, args.repeats, args.iters), "layer", lengths_kind, lengths, args,
+            rows += summarize(interleaved_times(steps, args.repeats, args.iters, warmup=2), "layer", lengths_kind, lengths, args,
                               common, err)
         if "din" in args.measures:
             steps, lengths = din_steps(args, lengths_kind, generator)
-            rows += summarize(interleaved(steps, args.repeats, args.iters), "din_step", lengths_kind, lengths, args,
+            rows += summarize(interleaved_times(steps, args.repeats, args.iters, warmup=2), "din_step", lengths_kind, lengths, args,
                               common)
     shown = ["clock", "measure", "lengths", "mean_length", "mode", "impl", "median_ms", "p25_ms", "p75_ms",
              "speedup_vs_deepctr", "speedup_p25", "speedup_p75", "rel_err"]

@@ -19,7 +19,6 @@ import datetime
 import os
 import platform
 import statistics
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit function is defined
 
@@ -28,6 +27,7 @@ import triton  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from fastdin.bench.measure import interleaved_times  # noqa: E402
 from fastdin.kernels import attention_packed as packed  # noqa: E402
 
 KERNEL_TYPES = (JITFunction, InterpretedFunction)  # @triton.jit functions, compiled or interpreted
@@ -65,14 +65,9 @@ def _grad_like(out):
 
 
 def interleaved_medians(calls, repeats):
-    """{name: median seconds}, the calls timed in turn, `repeats` times each."""
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """{name: median wall seconds}, the calls timed in turn, `repeats` times each."""
+    wall, _cpu = interleaved_times(calls, repeats)
+    return {name: statistics.median(t) for name, t in wall.items()}
 
 
 @contextlib.contextmanager

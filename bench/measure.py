@@ -6,6 +6,7 @@ after explicit warm-up calls. Peak memory is only measured on CUDA, where the ca
 reports it; on the CPU it is left empty rather than guessed.
 """
 import platform
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -37,6 +38,25 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def interleaved_times(steps: Dict[str, Callable[[], object]], repeats: int, iters: int = 1, warmup: int = 0):
+    """({name: [wall seconds per call, one per repeat]}, the same in CPU seconds of this thread), CPU
+    only. Each repeat runs every step `iters` times, in a rotating order, so load from other jobs on a
+    shared machine falls on all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    names = list(steps)
+    wall, cpu = {name: [] for name in names}, {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            for _ in range(iters):
+                steps[name]()
+            cpu[name].append((time.thread_time() - start_cpu) / iters)
+            wall[name].append((time.perf_counter() - start) / iters)
+    return wall, cpu
 
 
 def synchronize(device: torch.device) -> None:
