@@ -10,7 +10,8 @@ from torch import Tensor
 
 from fastdin import packed, reference
 from fastdin.ops import attention_packed
-from fastdin.ops.backend import HAS_TRITON, checking_values, choose_backend
+from fastdin.ops.backend import checking_values, choose_backend
+from fastdin.ops.backend import shared_memory_limit as _shared_memory_limit
 from fastdin.ops.checks import (check_activation, check_offsets, check_positions, require_dice_rows, require_float,
                                 require_same_device, require_tensor)
 from fastdin.reference import DICE_STATS, NORMALIZATIONS
@@ -343,14 +344,6 @@ def kernel_dtype(keys: Tensor) -> torch.dtype:
     if keys.dtype != torch.float64 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return keys.dtype
-
-
-def _shared_memory_limit(device: torch.device) -> Optional[int]:
-    """Bytes of shared memory one program may use on this device; None where no GPU compiler runs."""
-    if device.type != "cuda" or not HAS_TRITON:
-        return None
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 232448)
 
 
 def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastdin.ops.backend import shared_memory_limit
+
 H200_SHARED_BYTES = 232448  # the most shared memory one block may use on an H100/H200 (227 KiB)
 
 
@@ -42,11 +44,6 @@ def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
     return int(2.1 * elements * (4 if dtype == torch.float32 else 2))
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_memory_limit(device: torch.device) -> int:
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", H200_SHARED_BYTES)
-
-
 def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
     """None when the packed kernels cover this case (after fastdin.ops.attention's own gap), else why not."""
     if activation == "dice" and any(p.training for p in act_params):
@@ -56,7 +53,7 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
         # tf32x3 needs 400 KB of shared memory): the per-user kernels stay until that is fixed
         return "float32 on CUDA runs on the per-user kernels"
     hidden = tuple([w.shape[0] for w in weights[:-1]])
-    limit = _shared_memory_limit(keys.device) if keys.is_cuda else H200_SHARED_BYTES
+    limit = shared_memory_limit(keys.device) or H200_SHARED_BYTES  # the interpreter: an H200's
     if shared_memory_estimate(keys.shape[-1], hidden, keys.dtype) > limit:
         return f"D = {keys.shape[-1]} with hidden sizes {list(hidden)} needs more shared memory than {limit} B"
     return None

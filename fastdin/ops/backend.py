@@ -8,6 +8,7 @@ FASTDIN_BACKEND (default "auto").
 - "reference": the plain, unfused ground truth (fastdin.reference).
 - "auto": "triton" on CUDA where Triton imports and a kernel covers the case, else "torch".
 """
+import functools
 import os
 from typing import Optional
 
@@ -45,6 +46,15 @@ def checking_values(t: Tensor) -> bool:
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # .item() would freeze this batch's values
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device: torch.device) -> Optional[int]:
+    """Bytes of shared memory one program may use on this device; None where no GPU compiler runs."""
+    if device.type != "cuda" or not HAS_TRITON:
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 232448)  # 232448: an H100/H200's (227 KiB)
 
 
 def default_backend() -> str:
