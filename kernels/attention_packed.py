@@ -36,10 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdin.kernels.dice import dice_gate, dice_grads
-
-ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
-MAX_HIDDEN_LAYERS = 4
+from fastdin.kernels.mlp import ACT_CODES, MAX_HIDDEN_LAYERS, act_bwd, act_fwd, block, dot, layer_tuples, load_act, load_vec
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
@@ -195,12 +192,6 @@ def _load_linear(w_ptr, n_out, n_in, col0, row_stride, BLOCK_OUT: tl.constexpr, 
 
 
 @triton.jit
-def _load_vec(ptr, n, stride, BLOCK: tl.constexpr, other: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    return tl.load(ptr + offs * stride, mask=offs < n, other=other).to(tl.float32)
-
-
-@triton.jit
 def _load_first_layer(w1, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, DT: tl.constexpr):
     """(Ak, Ap, Aq) = (Wk - Wd, Wp, Wq + Wd), each [BLOCK_H1, BLOCK_D] in nn.Linear layout, in DT."""
     wq = _load_linear(w1, H1, D, 0, 4 * D, BLOCK_H1, BLOCK_D)
@@ -211,65 +202,8 @@ def _load_first_layer(w1, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, 
 
 
 @triton.jit
-def _load_act(params, slope_stride, n, eps, BLOCK: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr):
-    """Per-feature activation parameters (slope or Dice alpha, Dice mean, 1/std, weight, bias)."""
-    zeros = tl.zeros([BLOCK], tl.float32)
-    a, mean, rstd, gamma, beta = zeros, zeros, zeros, zeros + 1.0, zeros
-    if ACT == 2:
-        a = _load_vec(params[0], n, slope_stride, BLOCK, 0.0)
-    if ACT == 3:
-        a = _load_vec(params[0], n, 1, BLOCK, 0.0)
-        mean = _load_vec(params[1], n, 1, BLOCK, 0.0)
-        rstd = 1.0 / tl.sqrt(_load_vec(params[2], n, 1, BLOCK, 1.0) + eps)
-        if AFFINE:
-            gamma = _load_vec(params[3], n, 1, BLOCK, 1.0)
-            beta = _load_vec(params[4], n, 1, BLOCK, 0.0)
-    return a, mean, rstd, gamma, beta
-
-
-@triton.jit
-def _act_fwd(x, act, ACT: tl.constexpr):
-    a, mean, rstd, gamma, beta = act
-    if ACT == 0:
-        h = tl.sigmoid(x)
-    elif ACT == 1:
-        h = tl.maximum(x, 0.0)
-    elif ACT == 2:
-        h = tl.where(x >= 0, x, a[None, :] * x)
-    else:
-        _, p = dice_gate(x, mean[None, :], rstd[None, :], gamma[None, :], beta[None, :])
-        h = x * (a[None, :] + (1.0 - a[None, :]) * p)
-    return h
-
-
-@triton.jit
-def _act_bwd(x, dh, act, ACT: tl.constexpr):
-    """dL/dx (Dice: running statistics, held fixed) and the tile's sums of the parameter gradients
-    (slope or alpha, Dice weight, Dice bias)."""
-    a, mean, rstd, gamma, beta = act
-    da = tl.sum(tl.zeros_like(x), axis=0)
-    dgamma, dbeta = da, da
-    if ACT == 0:
-        h = tl.sigmoid(x)
-        dx = dh * h * (1.0 - h)
-    elif ACT == 1:
-        dx = tl.where(x > 0, dh, 0.0)
-    elif ACT == 2:
-        dx = tl.where(x >= 0, dh, a[None, :] * dh)
-        da = tl.sum(tl.where(x >= 0, 0.0, x * dh), axis=0)
-    else:
-        x_hat, p = dice_gate(x, mean[None, :], rstd[None, :], gamma[None, :], beta[None, :])
-        direct, d_alpha, g_z, g_xhat = dice_grads(x, dh, p, a[None, :], gamma[None, :])
-        dx = direct + g_xhat * rstd[None, :]
-        da = tl.sum(d_alpha, axis=0)
-        dgamma = tl.sum(g_z * x_hat, axis=0)
-        dbeta = tl.sum(g_z, axis=0)
-    return dx, (da, dgamma, dbeta)
-
-
-@triton.jit
 def _act_bwd_saved(kept, dh, act, ACT: tl.constexpr):
-    """`_act_bwd` from what the forward kept (`_saved`)."""
+    """`act_bwd` from what the forward kept (`_saved`)."""
     if ACT == 0:
         h = kept.to(tl.float32)
         dx = dh * h * (1.0 - h)
@@ -279,18 +213,8 @@ def _act_bwd_saved(kept, dh, act, ACT: tl.constexpr):
         da = tl.sum(tl.zeros_like(dh), axis=0)
         result = tl.where(kept > 0, dh, 0.0), (da, da, da)
     else:
-        result = _act_bwd(kept.to(tl.float32), dh, act, ACT)
+        result = act_bwd(kept.to(tl.float32), dh, act, ACT)
     return result
-
-
-@triton.jit
-def _dot(a, b, acc, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b with operands in the compute dtype DT, accumulated in fp32."""
-    if DT == tl.float32:
-        out = tl.dot(a.to(DT), b.to(DT), acc, input_precision=PRECISION)
-    else:
-        out = tl.dot(a.to(DT), b.to(DT), acc)
-    return out
 
 
 @triton.jit
@@ -300,24 +224,24 @@ def _load_mlp(W, BIAS, ACTP, SLOPE_STRIDE, HID, D, eps, BLOCK_D: tl.constexpr, B
     ([H_l, H_l-1], nn.Linear layout, in DT), every bias and activation parameter, the score row and
     bias. Absent layers repeat layer 1's tensors as placeholders (never used)."""
     A = _load_first_layer(W[0], D, HID[0], BLOCK_D, BH[0], DT)
-    b1 = _load_vec(BIAS[0], HID[0], 1, BH[0], 0.0)
-    act1 = _load_act(ACTP[0], SLOPE_STRIDE[0], HID[0], eps, BH[0], ACT, AFFINE)
+    b1 = load_vec(BIAS[0], HID[0], 1, BH[0], 0.0)
+    act1 = load_act(ACTP[0], SLOPE_STRIDE[0], HID[0], eps, BH[0], ACT, AFFINE)
     w2, w3, w4 = A[0], A[0], A[0]
     b2, b3, b4 = b1, b1, b1
     act2, act3, act4 = act1, act1, act1
     if NUM_LAYERS >= 2:
         w2 = _load_linear(W[1], HID[1], HID[0], 0, HID[0], BH[1], BH[0]).to(DT)
-        b2 = _load_vec(BIAS[1], HID[1], 1, BH[1], 0.0)
-        act2 = _load_act(ACTP[1], SLOPE_STRIDE[1], HID[1], eps, BH[1], ACT, AFFINE)
+        b2 = load_vec(BIAS[1], HID[1], 1, BH[1], 0.0)
+        act2 = load_act(ACTP[1], SLOPE_STRIDE[1], HID[1], eps, BH[1], ACT, AFFINE)
     if NUM_LAYERS >= 3:
         w3 = _load_linear(W[2], HID[2], HID[1], 0, HID[1], BH[2], BH[1]).to(DT)
-        b3 = _load_vec(BIAS[2], HID[2], 1, BH[2], 0.0)
-        act3 = _load_act(ACTP[2], SLOPE_STRIDE[2], HID[2], eps, BH[2], ACT, AFFINE)
+        b3 = load_vec(BIAS[2], HID[2], 1, BH[2], 0.0)
+        act3 = load_act(ACTP[2], SLOPE_STRIDE[2], HID[2], eps, BH[2], ACT, AFFINE)
     if NUM_LAYERS >= 4:
         w4 = _load_linear(W[3], HID[3], HID[2], 0, HID[2], BH[3], BH[2]).to(DT)
-        b4 = _load_vec(BIAS[3], HID[3], 1, BH[3], 0.0)
-        act4 = _load_act(ACTP[3], SLOPE_STRIDE[3], HID[3], eps, BH[3], ACT, AFFINE)
-    wo = _load_vec(W[NUM_LAYERS], HID[NUM_LAYERS - 1], 1, BH[NUM_LAYERS - 1], 0.0)
+        b4 = load_vec(BIAS[3], HID[3], 1, BH[3], 0.0)
+        act4 = load_act(ACTP[3], SLOPE_STRIDE[3], HID[3], eps, BH[3], ACT, AFFINE)
+    wo = load_vec(W[NUM_LAYERS], HID[NUM_LAYERS - 1], 1, BH[NUM_LAYERS - 1], 0.0)
     bo = tl.load(BIAS[NUM_LAYERS]).to(tl.float32)
     return A, (w2, w3, w4), (b1, b2, b3, b4), (act1, act2, act3, act4), wo, bo
 
@@ -338,7 +262,7 @@ def _activation_of_saved(kept, act, ACT: tl.constexpr):
     if ACT <= 1:
         h = kept.to(tl.float32)
     else:
-        h = _act_fwd(kept.to(tl.float32), act, ACT)
+        h = act_fwd(kept.to(tl.float32), act, ACT)
     return h
 
 
@@ -350,8 +274,8 @@ def _deep_fwd(kept_below, h_below, w, bias, act, LAYER: tl.constexpr, NUM_LAYERS
     kept, h = kept_below, h_below
     if NUM_LAYERS >= LAYER:
         acc = tl.zeros([h_below.shape[0], w.shape[0]], tl.float32)
-        x = _dot(h_below, tl.trans(w), acc, DT, PRECISION) + bias[None, :]
-        h = _act_fwd(x, act, ACT)
+        x = dot(h_below, tl.trans(w), acc, DT, PRECISION) + bias[None, :]
+        h = act_fwd(x, act, ACT)
         kept = _saved(x, h, DT, ACT)
     return kept, h
 
@@ -363,11 +287,11 @@ def _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS: tl.constexpr, ACT: t
     NUM_LAYERS repeat the last one), and the last hidden activation."""
     Ak, Ap, Aq = A
     acc = tl.zeros([k.shape[0], Ak.shape[0]], tl.float32)
-    acc = _dot(k, tl.trans(Ak), acc, DT, PRECISION)
-    acc = _dot(qk, tl.trans(Ap), acc, DT, PRECISION)
-    acc = _dot(q, tl.trans(Aq), acc, DT, PRECISION)
+    acc = dot(k, tl.trans(Ak), acc, DT, PRECISION)
+    acc = dot(qk, tl.trans(Ap), acc, DT, PRECISION)
+    acc = dot(q, tl.trans(Aq), acc, DT, PRECISION)
     x1 = acc + BS[0][None, :]
-    h1 = _act_fwd(x1, ACTS[0], ACT)
+    h1 = act_fwd(x1, ACTS[0], ACT)
     kept1 = _saved(x1, h1, DT, ACT)
     kept2, h2 = _deep_fwd(kept1, h1, WD[0], BS[1], ACTS[1], 2, NUM_LAYERS, ACT, DT, PRECISION)
     kept3, h3 = _deep_fwd(kept2, h2, WD[1], BS[2], ACTS[2], 3, NUM_LAYERS, ACT, DT, PRECISION)
@@ -527,10 +451,10 @@ def _deep_bwd(dh, kept, kept_below, w, act, act_below, grads, LAYER: tl.constexp
     if NUM_LAYERS >= LAYER:
         G, tile_dact = _act_bwd_saved(kept, dh, act, ACT)
         h_below = _activation_of_saved(kept_below, act_below, ACT)
-        dw = _dot(tl.trans(G), h_below, dw, DT, PRECISION)
+        dw = dot(tl.trans(G), h_below, dw, DT, PRECISION)
         db += tl.sum(G, axis=0)
         dact = (dact[0] + tile_dact[0], dact[1] + tile_dact[1], dact[2] + tile_dact[2])
-        dh = _dot(G, w, tl.zeros([G.shape[0], w.shape[1]], tl.float32), DT, PRECISION)
+        dh = dot(G, w, tl.zeros([G.shape[0], w.shape[1]], tl.float32), DT, PRECISION)
     return dh, (dw, db, dact)
 
 
@@ -679,14 +603,14 @@ def _packed_bwd_kernel(
         G1, tile_dact = _act_bwd_saved(kept1, dh, ACTS[0], ACT)
         dact1 = (dact1[0] + tile_dact[0], dact1[1] + tile_dact[1], dact1[2] + tile_dact[2])
         G1t = tl.trans(G1)
-        S_k = _dot(G1t, k, S_k, DT, PRECISION)
-        S_p = _dot(G1t, qk, S_p, DT, PRECISION)
-        U = _dot(G1t, q, U, DT, PRECISION)
+        S_k = dot(G1t, k, S_k, DT, PRECISION)
+        S_p = dot(G1t, qk, S_p, DT, PRECISION)
+        U = dot(G1t, q, U, DT, PRECISION)
         db1 += tl.sum(G1, axis=0)
         zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        dxk = _dot(G1, Ak, zeros, DT, PRECISION)
-        dxp = _dot(G1, Ap, zeros, DT, PRECISION)
-        dxq = _dot(G1, Aq, zeros, DT, PRECISION)
+        dxk = dot(G1, Ak, zeros, DT, PRECISION)
+        dxp = dot(G1, Ap, zeros, DT, PRECISION)
+        dxq = dot(G1, Aq, zeros, DT, PRECISION)
         dk = dxk + q.to(tl.float32) * dxp + w[:, None] * g
         tl.store(dk_ptr + user[:, None] * stride_dkb + t[:, None] * stride_dkt + offs_d[None, :], dk, mask=ok)
         # dq_b = sum over the user's rows of G1 Aq + k * (G1 Ap): segmented, carried across tiles
@@ -766,11 +690,6 @@ def packed_rows(lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _block(n: int) -> int:
-    """tl.dot needs every dimension >= 16."""
-    return max(16, triton.next_power_of_2(max(n, 1)))
-
-
 @functools.lru_cache(maxsize=None)
 def _num_programs(device: torch.device, rows_bound: int, block_m: int, per_sm: int) -> int:
     if device.type != "cuda":
@@ -820,27 +739,13 @@ class _Plan(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def _plan(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: bool, tf32: bool,
           slope_sizes: tuple) -> _Plan:
-    padded = tuple(_block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
-    meta = dict(BLOCK_D=_block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
+    padded = tuple(block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
+    meta = dict(BLOCK_D=block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
                 DT=_TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
     entries, width = _grad_layout(dim, hidden, activation, affine, slope_sizes)
     grads = tuple((shape, (shape[1], 1) if len(shape) == 2 else (1,), offset) for shape, offset in entries)
     return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)), width,
                  ((width + REDUCE_BLOCK - 1) // REDUCE_BLOCK,), grads)
-
-
-def _tuples(weights, biases, act_tensors, activation):
-    """Kernel tuple arguments: weights, biases, per-layer activation parameters (5 pointers, unused
-    ones repeat the layer's bias) and slope strides (0 for one shared slope)."""
-    weights = tuple([w if w.is_contiguous() else w.contiguous() for w in weights])
-    biases = tuple([b if b.is_contiguous() else b.contiguous() for b in biases])
-    acts, slope_strides = [], []
-    for layer, bias in enumerate(biases[:-1]):
-        params = list(act_tensors[layer]) if act_tensors else []
-        slope_strides.append(1 if activation != "prelu" or params[0].numel() > 1 else 0)
-        acts.append(tuple(params + [bias] * (5 - len(params))))
-    absent = MAX_HIDDEN_LAYERS - len(acts)  # the kernel indexes 4 layers; absent ones are never read
-    return weights, biases, tuple(acts + acts[:1] * absent), tuple(slope_strides + [1] * absent)
 
 
 def _launch_plan(query, keys, weights, act_tensors, rows: PackedRows, activation, dice_affine):
@@ -884,7 +789,7 @@ def packed_attention_forward(
     block = block_m or BLOCK_M
     programs = num_programs or _num_programs(device, n_values if rows.jagged else batch * seq_len, block, 2)
     offs = _new((batch,), torch.int64, device)
-    W, BIAS, ACTP, SLOPE = _tuples(weights, biases, act_tensors, activation)
+    W, BIAS, ACTP, SLOPE = layer_tuples(weights, biases, act_tensors, activation)
     stride_sb, stride_st = (0, 1) if rows.jagged else (seq_len, 1)
     _packed_fwd_kernel[(programs,)](
         query, keys, rows.source, rows.positions, offs, out, scores, raw, lse,
@@ -913,7 +818,7 @@ def packed_attention_backward(
                                                                         activation, dice_affine)
     device = keys.device
     dim = query.shape[1]
-    W, BIAS, ACTP, SLOPE = _tuples(weights, biases, act_tensors, activation)
+    W, BIAS, ACTP, SLOPE = layer_tuples(weights, biases, act_tensors, activation)
     width = plan.width
     block = block_m or BLOCK_M
     programs = num_programs or _num_programs(device, n_values if rows.jagged else batch * seq_len, block, 1)

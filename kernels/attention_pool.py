@@ -3,7 +3,7 @@
 For user b with candidate q and history keys k_t the MLP sees x_t = [q, k_t, q - k_t, q * k_t]. The
 first layer is folded per user (see docs/design.md, "Folding the first layer"): x_t W1 + b1 = k_t W_b + c_b with
 W_b = Wk - Wd + diag(q) Wp and c_b = q (Wq + Wd) + b1, so the [B, T, 4D] concat is never built.
-The kernels read the raw `nn.Linear` weights in place with masked loads. Each program walks its
+The kernels read the `nn.Linear` weights with masked loads (a non-contiguous one is copied first). Each program walks its
 users (grid-stride loop) tile by tile over T; biases and activation parameters are loaded once per
 program, the weight matrices are re-read where they are used (from L1/L2): held in registers across
 the loops they made ptxas (sm_90) spill heavily and pushed the backward of 256/128/64 layers past
@@ -32,9 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import _merge_stat_partials, chan_merge, update_running_stats
-
-ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
-MAX_HIDDEN_LAYERS = 4
+from fastdin.kernels.mlp import ACT_CODES, MAX_HIDDEN_LAYERS, act_bwd, act_fwd, block, dot, layer_tuples, load_act, load_vec
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
@@ -55,12 +53,6 @@ def _new(shape, dtype, device) -> Tensor:
 
 
 @triton.jit
-def _load_vec(ptr, n, stride, BLOCK: tl.constexpr, other: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    return tl.load(ptr + offs * stride, mask=offs < n, other=other).to(tl.float32)
-
-
-@triton.jit
 def _load_weight_t(w_ptr, stride_row, col0, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
     """W^T[i, o] = w[o, col0 + i] of an nn.Linear weight, as an fp32 [BLOCK_IN, BLOCK_OUT] tile (0 outside)."""
     offs_i = tl.arange(0, BLOCK_IN)
@@ -71,14 +63,13 @@ def _load_weight_t(w_ptr, stride_row, col0, n_in, n_out, BLOCK_IN: tl.constexpr,
 
 
 @triton.jit
-def _load_weight(w_ptr, stride_row, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
-                 DTYPE: tl.constexpr):
-    """An nn.Linear weight as a [BLOCK_OUT, BLOCK_IN] tile in DTYPE (0 outside)."""
+def _load_weight(w_ptr, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, DT: tl.constexpr):
+    """A contiguous nn.Linear weight as a [BLOCK_OUT, BLOCK_IN] tile in DT (0 outside)."""
     offs_o = tl.arange(0, BLOCK_OUT)
     offs_i = tl.arange(0, BLOCK_IN)
-    ptrs = w_ptr + offs_o[:, None] * stride_row + offs_i[None, :]
+    ptrs = w_ptr + offs_o[:, None] * n_in + offs_i[None, :]
     mask = (offs_o[:, None] < n_out) & (offs_i[None, :] < n_in)
-    return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+    return tl.load(ptrs, mask=mask, other=0.0).to(DT)
 
 
 @triton.jit
@@ -97,112 +88,27 @@ def _store_vec(ptr, vec, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_act(a_ptr, a_stride, m_ptr, v_ptr, g_ptr, e_ptr, eps, n, BLOCK: tl.constexpr, ACT: tl.constexpr,
-              AFFINE: tl.constexpr):
-    """Per-feature activation parameters: (PReLU slope or Dice alpha, Dice mean, 1/std, weight, bias)."""
-    zeros = tl.zeros([BLOCK], dtype=tl.float32)
-    a, mean, inv_std, gamma, beta = zeros, zeros, zeros, zeros, zeros
-    if ACT == 2:
-        a = _load_vec(a_ptr, n, a_stride, BLOCK, 0.0)
-    if ACT == 3:
-        a = _load_vec(a_ptr, n, 1, BLOCK, 0.0)
-        mean = _load_vec(m_ptr, n, 1, BLOCK, 0.0)
-        inv_std = 1.0 / tl.sqrt(_load_vec(v_ptr, n, 1, BLOCK, 1.0) + eps)
-        if AFFINE:
-            gamma = _load_vec(g_ptr, n, 1, BLOCK, 0.0)
-            beta = _load_vec(e_ptr, n, 1, BLOCK, 0.0)
-    return a, mean, inv_std, gamma, beta
-
-
-@triton.jit
-def _load_mlp_params(b1, a1, sa1, m1, v1, g1, e1, eps1, b2, a2, sa2, m2, v2, g2, e2, eps2,
-                     b3, a3, sa3, m3, v3, g3, e3, eps3, b4, a4, sa4, m4, v4, g4, e4, eps4, wo_ptr, bo_ptr,
-                     H1, H2, H3, H4, HL, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr,
-                     BLOCK_H4: tl.constexpr, BLOCK_HL: tl.constexpr, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr,
-                     AFFINE: tl.constexpr):
+def _load_mlp_params(W, BIAS, ACTP, SLOPE_STRIDE, HID, eps, BH: tl.constexpr, NUM_LAYERS: tl.constexpr,
+                     ACT: tl.constexpr, AFFINE: tl.constexpr):
     """What a program loads once: per hidden layer its bias and activation parameters (the tuple of
-    _load_act), then the score layer's weight row and bias. Absent layers get the first layer's as
+    load_act), then the score layer's weight row and bias. Absent layers get the first layer's as
     placeholders (never used)."""
-    bias1 = _load_vec(b1, H1, 1, BLOCK_H1, 0.0)
-    act1 = _load_act(a1, sa1, m1, v1, g1, e1, eps1, H1, BLOCK_H1, ACT, AFFINE)
+    bias1 = load_vec(BIAS[0], HID[0], 1, BH[0], 0.0)
+    act1 = load_act(ACTP[0], SLOPE_STRIDE[0], HID[0], eps, BH[0], ACT, AFFINE)
     bias2, bias3, bias4 = bias1, bias1, bias1
     act2, act3, act4 = act1, act1, act1
     if NUM_LAYERS >= 2:
-        bias2 = _load_vec(b2, H2, 1, BLOCK_H2, 0.0)
-        act2 = _load_act(a2, sa2, m2, v2, g2, e2, eps2, H2, BLOCK_H2, ACT, AFFINE)
+        bias2 = load_vec(BIAS[1], HID[1], 1, BH[1], 0.0)
+        act2 = load_act(ACTP[1], SLOPE_STRIDE[1], HID[1], eps, BH[1], ACT, AFFINE)
     if NUM_LAYERS >= 3:
-        bias3 = _load_vec(b3, H3, 1, BLOCK_H3, 0.0)
-        act3 = _load_act(a3, sa3, m3, v3, g3, e3, eps3, H3, BLOCK_H3, ACT, AFFINE)
+        bias3 = load_vec(BIAS[2], HID[2], 1, BH[2], 0.0)
+        act3 = load_act(ACTP[2], SLOPE_STRIDE[2], HID[2], eps, BH[2], ACT, AFFINE)
     if NUM_LAYERS >= 4:
-        bias4 = _load_vec(b4, H4, 1, BLOCK_H4, 0.0)
-        act4 = _load_act(a4, sa4, m4, v4, g4, e4, eps4, H4, BLOCK_H4, ACT, AFFINE)
-    wo = _load_vec(wo_ptr, HL, 1, BLOCK_HL, 0.0)
-    bo = tl.load(bo_ptr).to(tl.float32)
-    return bias1, bias2, bias3, bias4, act1, act2, act3, act4, wo, bo
-
-
-@triton.jit
-def _dice_gate(x, mean, inv_std, gamma, beta, AFFINE: tl.constexpr):
-    z = (x - mean[None, :]) * inv_std[None, :]
-    if AFFINE:
-        z = z * gamma[None, :] + beta[None, :]
-    return tl.sigmoid(z)
-
-
-@triton.jit
-def _act_fwd(x, act, ACT: tl.constexpr, AFFINE: tl.constexpr):
-    a, mean, inv_std, gamma, beta = act
-    if ACT == 0:
-        h = tl.sigmoid(x)
-    elif ACT == 1:
-        h = tl.maximum(x, 0.0)
-    elif ACT == 2:
-        h = tl.where(x > 0, x, a[None, :] * x)
-    else:
-        p = _dice_gate(x, mean, inv_std, gamma, beta, AFFINE)
-        h = p * x + (1.0 - p) * a[None, :] * x
-    return h
-
-
-@triton.jit
-def _act_bwd(x, dh, act, ACT: tl.constexpr, AFFINE: tl.constexpr, SUMS: tl.constexpr):
-    """Gradient into the pre-activation x (statistics held fixed), and per-feature sums over the tile of
-    (slope or alpha gradient, dL/dz * x_hat, dL/dz) for Dice's z = (weight *) x_hat (+ bias): the
-    gradients of Dice's weight and bias, also computed without affine when SUMS (batch statistics)."""
-    a, mean, inv_std, gamma, beta = act
-    da = tl.sum(tl.zeros_like(x), axis=0)
-    dgamma, dbeta = da, da
-    if ACT == 0:
-        h = tl.sigmoid(x)
-        dx = dh * h * (1.0 - h)
-    elif ACT == 1:
-        dx = tl.where(x > 0, dh, 0.0)
-    elif ACT == 2:
-        dx = tl.where(x > 0, dh, a[None, :] * dh)
-        da = tl.sum(tl.where(x > 0, 0.0, x * dh), axis=0)
-    else:
-        p = _dice_gate(x, mean, inv_std, gamma, beta, AFFINE)
-        # f = x (a + p (1 - a)); dp/dz = p (1 - p); dz/dx = inv_std (* gamma)
-        dz = dh * x * (1.0 - a[None, :]) * p * (1.0 - p)
-        slope = inv_std[None, :]
-        if AFFINE:
-            slope = slope * gamma[None, :]
-        if AFFINE or SUMS:
-            dgamma = tl.sum(dz * (x - mean[None, :]) * inv_std[None, :], axis=0)
-            dbeta = tl.sum(dz, axis=0)
-        dx = dh * (a[None, :] + p * (1.0 - a[None, :])) + dz * slope
-        da = tl.sum(dh * x * (1.0 - p), axis=0)
-    return dx, da, dgamma, dbeta
-
-
-@triton.jit
-def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32-accumulated product; operands in DOT_DTYPE (the inputs' dtype: fp32 stays exact)."""
-    if DOT_DTYPE == tl.float32:
-        product = tl.dot(a, b, input_precision=PRECISION)
-    else:
-        product = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
-    return product
+        bias4 = load_vec(BIAS[3], HID[3], 1, BH[3], 0.0)
+        act4 = load_act(ACTP[3], SLOPE_STRIDE[3], HID[3], eps, BH[3], ACT, AFFINE)
+    wo = load_vec(W[NUM_LAYERS], HID[NUM_LAYERS - 1], 1, BH[NUM_LAYERS - 1], 0.0)
+    bo = tl.load(BIAS[NUM_LAYERS]).to(tl.float32)
+    return (bias1, bias2, bias3, bias4), (act1, act2, act3, act4), wo, bo
 
 
 @triton.jit
@@ -218,59 +124,53 @@ def _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt,
 
 
 @triton.jit
-def _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
+def _fold_first_layer(w1, bias1, q, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
     """This user's W_b = Wk - Wd + diag(q) Wp [BLOCK_D, BLOCK_H1] and c_b = q (Wq + Wd) + b1.
     Re-read per user (from L1/L2) rather than held in registers across the user loop."""
-    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
-    wk = _load_weight_t(w1, sw1, D, D, H1, BLOCK_D, BLOCK_H1)
-    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
-    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wq = _load_weight_t(w1, 4 * D, 0, D, H1, BLOCK_D, BLOCK_H1)
+    wk = _load_weight_t(w1, 4 * D, D, D, H1, BLOCK_D, BLOCK_H1)
+    wd = _load_weight_t(w1, 4 * D, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wp = _load_weight_t(w1, 4 * D, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
     W_b = wk - wd + q[:, None] * wp
     c_b = tl.sum(q[:, None] * (wq + wd), axis=0) + bias1
     return W_b, c_b
 
 
 @triton.jit
-def _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
+def _fold_first_layer_grad_query(w1, dW_b, dc_b, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr):
     """dq_b = (Wq + Wd) dc_b + rowsum(Wp * dW_b)."""
-    wq = _load_weight_t(w1, sw1, 0, D, H1, BLOCK_D, BLOCK_H1)
-    wd = _load_weight_t(w1, sw1, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
-    wp = _load_weight_t(w1, sw1, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wq = _load_weight_t(w1, 4 * D, 0, D, H1, BLOCK_D, BLOCK_H1)
+    wd = _load_weight_t(w1, 4 * D, 2 * D, D, H1, BLOCK_D, BLOCK_H1)
+    wp = _load_weight_t(w1, 4 * D, 3 * D, D, H1, BLOCK_D, BLOCK_H1)
     return tl.sum((wq + wd) * dc_b[None, :], axis=1) + tl.sum(wp * dW_b, axis=1)
 
 
 @triton.jit
-def _hidden_layer_fwd(x_below, h_below, w, sw, bias, n_in, n_out, act, LAYER: tl.constexpr,
-                      NUM_LAYERS: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, ACT: tl.constexpr,
-                      AFFINE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _hidden_layer_fwd(x_below, h_below, W, bias, HID, act, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
+                      BH: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
     """Hidden layer LAYER >= 2 on a tile: its pre-activation x and activation h. An absent layer passes
     the layer below through, so the top layer's h is always the last hidden activation."""
     x, h = x_below, h_below
     if NUM_LAYERS >= LAYER:
-        w_t = _load_weight_t(w, sw, 0, n_in, n_out, BLOCK_IN, BLOCK_OUT).to(DOT_DTYPE)
-        x = _dot(h_below, w_t, DOT_DTYPE, PRECISION) + bias[None, :]
-        h = _act_fwd(x, act, ACT, AFFINE)
+        n_in = HID[LAYER - 2]
+        w_t = _load_weight_t(W[LAYER - 1], n_in, 0, n_in, HID[LAYER - 1], BH[LAYER - 2], BH[LAYER - 1]).to(DT)
+        x = dot(h_below, w_t, tl.zeros([h_below.shape[0], w_t.shape[1]], tl.float32), DT, PRECISION) + bias[None, :]
+        h = act_fwd(x, act, ACT)
     return x, h
 
 
 @triton.jit
-def _mlp_tile(k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
-              act1, act2, act3, act4,
-              BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
-              NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _mlp_tile(k, W_b, c_b, W, BS, ACTS, wo, bo, HID, BH: tl.constexpr, NUM_LAYERS: tl.constexpr,
+              ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one [BLOCK_T, BLOCK_D] key tile, with every pre-activation x_l and activation h_l
     (layers past NUM_LAYERS repeat the last one, so h4 is the last hidden activation)."""
-    x1 = _dot(k, W_b, DOT_DTYPE, PRECISION) + c_b[None, :]
-    h1 = _act_fwd(x1, act1, ACT, AFFINE)
-    x2, h2 = _hidden_layer_fwd(x1, h1, w2, sw2, bias2, H1, H2, act2, 2, NUM_LAYERS, BLOCK_H1, BLOCK_H2, ACT, AFFINE,
-                               DOT_DTYPE, PRECISION)
-    x3, h3 = _hidden_layer_fwd(x2, h2, w3, sw3, bias3, H2, H3, act3, 3, NUM_LAYERS, BLOCK_H2, BLOCK_H3, ACT, AFFINE,
-                               DOT_DTYPE, PRECISION)
-    x4, h4 = _hidden_layer_fwd(x3, h3, w4, sw4, bias4, H3, H4, act4, 4, NUM_LAYERS, BLOCK_H3, BLOCK_H4, ACT, AFFINE,
-                               DOT_DTYPE, PRECISION)
+    x1 = dot(k, W_b, tl.zeros([k.shape[0], W_b.shape[1]], tl.float32), DT, PRECISION) + c_b[None, :]
+    h1 = act_fwd(x1, ACTS[0], ACT)
+    x2, h2 = _hidden_layer_fwd(x1, h1, W, BS[1], HID, ACTS[1], 2, NUM_LAYERS, BH, ACT, DT, PRECISION)
+    x3, h3 = _hidden_layer_fwd(x2, h2, W, BS[2], HID, ACTS[2], 3, NUM_LAYERS, BH, ACT, DT, PRECISION)
+    x4, h4 = _hidden_layer_fwd(x3, h3, W, BS[3], HID, ACTS[3], 4, NUM_LAYERS, BH, ACT, DT, PRECISION)
     s = tl.sum(h4 * wo[None, :], axis=1) + bo
-    return s, x1, h1, x2, h2, x3, h3, x4, h4
+    return s, (x1, x2, x3, x4), (h1, h2, h3, h4)
 
 
 @triton.jit
@@ -303,8 +203,8 @@ def _load_stat_sums(sums_ptr, layer, h_max, n, BLOCK: tl.constexpr, KNOWN: tl.co
     S = tl.zeros([BLOCK], tl.float32)
     Q = tl.zeros([BLOCK], tl.float32)
     if KNOWN:
-        S = _load_vec(sums_ptr + (layer - 1) * 2 * h_max, n, 1, BLOCK, 0.0)
-        Q = _load_vec(sums_ptr + (layer - 1) * 2 * h_max + h_max, n, 1, BLOCK, 0.0)
+        S = load_vec(sums_ptr + (layer - 1) * 2 * h_max, n, 1, BLOCK, 0.0)
+        Q = load_vec(sums_ptr + (layer - 1) * 2 * h_max + h_max, n, 1, BLOCK, 0.0)
     return S, Q
 
 
@@ -326,12 +226,12 @@ def _zero_act_grads(act):
 
 @triton.jit
 def _pre_activation_grad(x, dh, act, stat_sums, inv_count, counted, dact, LAYER: tl.constexpr,
-                         SUMS_LAYER: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
-                         DICE_TRAIN: tl.constexpr):
+                         SUMS_LAYER: tl.constexpr, ACT: tl.constexpr, DICE_TRAIN: tl.constexpr):
     """Layer LAYER's G = dL/dx on a tile from dL/dh, adding the tile's sums to the activation-parameter
     accumulators dact. With batch statistics G also gets the part through them, whose (S, Q) are
     known in every pass but the layer's own sums pass."""
-    G, da, dg, de = _act_bwd(x, dh, act, ACT, AFFINE, DICE_TRAIN)
+    G, tile_dact = act_bwd(x, dh, act, ACT)
+    da, dg, de = tile_dact
     da_acc, dg_acc, de_acc = dact
     if SUMS_LAYER < LAYER:
         if DICE_TRAIN:
@@ -342,10 +242,9 @@ def _pre_activation_grad(x, dh, act, stat_sums, inv_count, counted, dact, LAYER:
 
 
 @triton.jit
-def _hidden_layer_bwd(dh, x, h_below, w, sw, n_in, n_out, act, stat_sums, inv_count, counted, grads,
-                      LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr, SUMS_LAYER: tl.constexpr, ACT: tl.constexpr,
-                      AFFINE: tl.constexpr, DICE_TRAIN: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      PRECISION: tl.constexpr):
+def _hidden_layer_bwd(dh, x, h_below, W, HID, act, stat_sums, inv_count, counted, grads, LAYER: tl.constexpr,
+                      NUM_LAYERS: tl.constexpr, SUMS_LAYER: tl.constexpr, ACT: tl.constexpr,
+                      DICE_TRAIN: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
     """Hidden layer LAYER >= 2 on a tile: dL/dh_l into dL/dh_{l-1}, adding to grads = (weight, bias,
     activation-parameter accumulators). An absent layer passes dh through; a sums pass stops at its
     layer and leaves the weights alone."""
@@ -353,63 +252,57 @@ def _hidden_layer_bwd(dh, x, h_below, w, sw, n_in, n_out, act, stat_sums, inv_co
     if NUM_LAYERS >= LAYER:
         if SUMS_LAYER <= LAYER:
             G, dact = _pre_activation_grad(x, dh, act, stat_sums, inv_count, counted, dact, LAYER, SUMS_LAYER,
-                                           ACT, AFFINE, DICE_TRAIN)
+                                           ACT, DICE_TRAIN)
             if SUMS_LAYER < LAYER:
                 if SUMS_LAYER == 0:
-                    dw += _dot(tl.trans(h_below), G, DOT_DTYPE, PRECISION)
+                    dw = dot(tl.trans(h_below), G, dw, DT, PRECISION)
                     db += tl.sum(G, axis=0)
-                w_tile = _load_weight(w, sw, n_in, n_out, h_below.shape[1], x.shape[1], DOT_DTYPE)
-                dh = _dot(G, w_tile, DOT_DTYPE, PRECISION)
+                w_tile = _load_weight(W[LAYER - 1], HID[LAYER - 2], HID[LAYER - 1], h_below.shape[1], x.shape[1], DT)
+                dh = dot(G, w_tile, tl.zeros([G.shape[0], h_below.shape[1]], tl.float32), DT, PRECISION)
     return dh, (dw, db, dact)
 
 
 @triton.jit
-def _store_act_partials(pid64, pa, pg, pe, dact, n, BLOCK: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr):
+def _store_act_partials(pid64, pact, dact, n, BLOCK: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr):
     """A program's partials of one layer's activation parameters: PReLU slopes or Dice alpha, Dice's weight and bias."""
     da, dg, de = dact
     if ACT >= 2:
-        _store_vec(pa + pid64 * n, da, n, BLOCK)
+        _store_vec(pact[0] + pid64 * n, da, n, BLOCK)
     if AFFINE:
-        _store_vec(pg + pid64 * n, dg, n, BLOCK)
-        _store_vec(pe + pid64 * n, de, n, BLOCK)
+        _store_vec(pact[1] + pid64 * n, dg, n, BLOCK)
+        _store_vec(pact[2] + pid64 * n, de, n, BLOCK)
 
 
 @triton.jit
-def _store_layer_partials(pid64, pw, pb, pa, pg, pe, grads, n_in, n_out, LAYER: tl.constexpr,
-                          NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr):
+def _store_layer_partials(pid64, PW, PB, PACT, grads, HID, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
+                          ACT: tl.constexpr, AFFINE: tl.constexpr):
     """A program's partials of hidden layer LAYER >= 2 (if present): weight, bias, activation parameters."""
     if NUM_LAYERS >= LAYER:
         dw, db, dact = grads
-        _store_weight_grad(pw + pid64 * n_out * n_in, dw, 0, n_in, n_in, n_out, dw.shape[0], dw.shape[1])
-        _store_vec(pb + pid64 * n_out, db, n_out, dw.shape[1])
-        _store_act_partials(pid64, pa, pg, pe, dact, n_out, dw.shape[1], ACT, AFFINE)
+        n_in = HID[LAYER - 2]
+        n_out = HID[LAYER - 1]
+        _store_weight_grad(PW[LAYER - 1] + pid64 * n_out * n_in, dw, 0, n_in, n_in, n_out, dw.shape[0], dw.shape[1])
+        _store_vec(PB[LAYER - 1] + pid64 * n_out, db, n_out, dw.shape[1])
+        _store_act_partials(pid64, PACT[LAYER - 1], dact, n_out, dw.shape[1], ACT, AFFINE)
 
 
 # ---------------------------------------------------------------------------------------------
 # kernels
 #
-# Argument groups shared by both kernels. Per hidden layer l (1..4): w{l} the nn.Linear weight
-# (row stride sw{l}), b{l} its bias, a{l} the PReLU slope (stride sa{l}: 0 for one shared slope) or
-# the Dice alpha, m{l}/v{l} the Dice running mean/var, g{l}/e{l} the Dice affine weight/bias. Unused
-# pointers are passed as None.
+# Per-layer arguments are the tuples of kernels/mlp.py (W, BIAS, ACTP, SLOPE_STRIDE), with the
+# hidden sizes HID and their tile sizes BH padded to 4 entries by repeating the last layer's.
 
 
 @triton.jit
 def _attention_pool_fwd_kernel(
     q_ptr, k_ptr, len_ptr, mask_ptr, out_ptr, scores_ptr, lse_ptr, stat_part_ptr,
-    w1, b1, a1, m1, v1, g1, e1, sw1, sa1, eps1,
-    w2, b2, a2, m2, v2, g2, e2, sw2, sa2, eps2,
-    w3, b3, a3, m3, v3, g3, e3, sw3, sa3, eps3,
-    w4, b4, a4, m4, v4, g4, e4, sw4, sa4, eps4,
-    wo_ptr, bo_ptr,
-    B, T, D, H1, H2, H3, H4, HL,
+    W, BIAS, ACTP, SLOPE_STRIDE, HID, eps,
+    B, T, D,
     stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_ob, stride_sb, HS,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
-    BLOCK_HL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr,
     NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, STORE_SCORES: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DT: tl.constexpr, PRECISION: tl.constexpr,
     STATS_LAYER: tl.constexpr, COUNT_ALL: tl.constexpr, BLOCK_HS: tl.constexpr,
 ):
     """The forward pass, or with STATS_LAYER = l > 0 a statistics pass of training-mode Dice: per
@@ -420,10 +313,7 @@ def _attention_pool_fwd_kernel(
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    bias1, bias2, bias3, bias4, act1, act2, act3, act4, wo, bo = _load_mlp_params(
-        b1, a1, sa1, m1, v1, g1, e1, eps1, b2, a2, sa2, m2, v2, g2, e2, eps2, b3, a3, sa3, m3, v3, g3, e3, eps3,
-        b4, a4, sa4, m4, v4, g4, e4, eps4, wo_ptr, bo_ptr, H1, H2, H3, H4, HL,
-        BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, BLOCK_HL, NUM_LAYERS, ACT, AFFINE)
+    BS, ACTS, wo, bo = _load_mlp_params(W, BIAS, ACTP, SLOPE_STRIDE, HID, eps, BH, NUM_LAYERS, ACT, AFFINE)
     st_count = tl.zeros([BLOCK_HS], dtype=tl.float32)  # statistics pass: this program's summary
     st_mean = tl.zeros([BLOCK_HS], dtype=tl.float32)
     st_m2 = tl.zeros([BLOCK_HS], dtype=tl.float32)
@@ -433,7 +323,7 @@ def _attention_pool_fwd_kernel(
         # an int64 range start (tests/test_layouts.py checks the offsets past 2^31 on the CPU)
         b64 = tl.cast(b, tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
+        W_b, c_b = _fold_first_layer(W[0], BS[0], q, D, HID[0], BLOCK_D, BH[0])
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         m_i = tl.max(tl.full([BLOCK_T], -1.0e30, tl.float32), axis=0)  # running max (softmax)
         l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)  # running sum of exp (softmax)
@@ -448,16 +338,13 @@ def _attention_pool_fwd_kernel(
                 if COUNT_ALL:
                     read = tmask
             k = tl.load(k_ptrs, mask=read[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            s, _x1, _h1, _x2, _h2, _x3, _h3, _x4, _h4 = _mlp_tile(
-                k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
-                act1, act2, act3, act4, BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE,
-                PRECISION)
+            s, xs, _hs = _mlp_tile(k, W_b, c_b, W, BS, ACTS, wo, bo, HID, BH, NUM_LAYERS, ACT, DT, PRECISION)
             if STATS_LAYER > 0:  # the layers above l (and the score) are unused here
                 counted = valid
                 if COUNT_ALL:
                     counted = tmask
                 st_count, st_mean, st_m2 = _accumulate_stats(
-                    st_count, st_mean, st_m2, _pick_layer(_x1, _x2, _x3, _x4, STATS_LAYER), counted)
+                    st_count, st_mean, st_m2, _pick_layer(xs[0], xs[1], xs[2], xs[3], STATS_LAYER), counted)
             elif SOFTMAX:
                 # online softmax over the valid positions; masked ones get exactly 0
                 s = tl.where(valid, s, -1.0e30)
@@ -519,28 +406,19 @@ def _dice_batch_stats_kernel(part_ptr, n_parts, n_feat, stats_ptr, h_max, run_me
 def _attention_pool_bwd_kernel(
     q_ptr, k_ptr, len_ptr, mask_ptr, grad_out_ptr, grad_scores_ptr, lse_ptr, delta_ptr,
     dq_ptr, dk_ptr,
-    w1, b1, a1, m1, v1, g1, e1, sw1, sa1, eps1,
-    w2, b2, a2, m2, v2, g2, e2, sw2, sa2, eps2,
-    w3, b3, a3, m3, v3, g3, e3, sw3, sa3, eps3,
-    w4, b4, a4, m4, v4, g4, e4, sw4, sa4, eps4,
-    wo_ptr, bo_ptr,
-    # per-program fp32 partials: weight [P, H_l, fan_in], bias [P, H_l], act params [P, H_l] x 3
-    pw1, pb1, pa1, pg1, pe1,
-    pw2, pb2, pa2, pg2, pe2,
-    pw3, pb3, pa3, pg3, pe3,
-    pw4, pb4, pa4, pg4, pe4,
-    pwo, pbo,
+    W, BIAS, ACTP, SLOPE_STRIDE, HID, eps,
+    # per-program fp32 partials of every layer: weight PW [P, H_l, fan_in], bias PB [P, H_l]; per hidden
+    # layer PACT = (slope or alpha, Dice weight, Dice bias) [P, H_l] (unused ones: a placeholder)
+    PW, PB, PACT,
     # training-mode Dice: known sums [L, 2, HMAX], the counted positions n, sums partials [2, P, HS]
     sums_ptr, count_ptr, psum_ptr,
-    B, T, D, H1, H2, H3, H4, HL,
+    B, T, D,
     stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_gb, stride_gd, stride_gsb, stride_gst,
     HMAX, HS,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_H3: tl.constexpr, BLOCK_H4: tl.constexpr,
-    BLOCK_HL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr,
     NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DT: tl.constexpr, PRECISION: tl.constexpr,
     DICE_TRAIN: tl.constexpr, COUNT_ALL: tl.constexpr, SUMS_LAYER: tl.constexpr, BLOCK_HS: tl.constexpr,
 ):
     """The backward pass. With DICE_TRAIN the Dice layers were normalised with batch statistics
@@ -551,37 +429,38 @@ def _attention_pool_bwd_kernel(
     layer l with the known sums of the layers above and stores only per-program partials of
     (sum dL/dz, sum dL/dz x_hat) for z = (weight *) x_hat (+ bias) to psum [2, P, HS]; then the full
     pass (SUMS_LAYER = 0) runs with every layer's (S, Q) in sums."""
-    bias1, bias2, bias3, bias4, act1, act2, act3, act4, wo, bo = _load_mlp_params(
-        b1, a1, sa1, m1, v1, g1, e1, eps1, b2, a2, sa2, m2, v2, g2, e2, eps2, b3, a3, sa3, m3, v3, g3, e3, eps3,
-        b4, a4, sa4, m4, v4, g4, e4, eps4, wo_ptr, bo_ptr, H1, H2, H3, H4, HL,
-        BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, BLOCK_HL, NUM_LAYERS, ACT, AFFINE)
+    BS, ACTS, wo, bo = _load_mlp_params(W, BIAS, ACTP, SLOPE_STRIDE, HID, eps, BH, NUM_LAYERS, ACT, AFFINE)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    stat_sums1 = _load_stat_sums(sums_ptr, 1, HMAX, H1, BLOCK_H1, DICE_TRAIN and SUMS_LAYER < 1)
+    stat_sums1 = _load_stat_sums(sums_ptr, 1, HMAX, HID[0], BH[0], DICE_TRAIN and SUMS_LAYER < 1)
     stat_sums2, stat_sums3, stat_sums4 = stat_sums1, stat_sums1, stat_sums1  # placeholders for absent layers
     if NUM_LAYERS >= 2:
-        stat_sums2 = _load_stat_sums(sums_ptr, 2, HMAX, H2, BLOCK_H2, DICE_TRAIN and SUMS_LAYER < 2)
+        stat_sums2 = _load_stat_sums(sums_ptr, 2, HMAX, HID[1], BH[1], DICE_TRAIN and SUMS_LAYER < 2)
     if NUM_LAYERS >= 3:
-        stat_sums3 = _load_stat_sums(sums_ptr, 3, HMAX, H3, BLOCK_H3, DICE_TRAIN and SUMS_LAYER < 3)
+        stat_sums3 = _load_stat_sums(sums_ptr, 3, HMAX, HID[2], BH[2], DICE_TRAIN and SUMS_LAYER < 3)
     if NUM_LAYERS >= 4:
-        stat_sums4 = _load_stat_sums(sums_ptr, 4, HMAX, H4, BLOCK_H4, DICE_TRAIN and SUMS_LAYER < 4)
+        stat_sums4 = _load_stat_sums(sums_ptr, 4, HMAX, HID[3], BH[3], DICE_TRAIN and SUMS_LAYER < 4)
     inv_count = 0.0
     if DICE_TRAIN:
         inv_count = 1.0 / tl.load(count_ptr)
 
     # accumulators over this program's users (the fold's S1, S2, U and sum of dc_b; docs/design.md, "Backward")
-    S1 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
-    S2 = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
-    U = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
-    db1_acc = tl.zeros([BLOCK_H1], dtype=tl.float32)
-    dact1 = _zero_act_grads(act1)
+    # (tile shapes from tensors: a shape list does not take an entry of the constexpr tuple BH)
+    S1 = tl.zeros([BLOCK_D, BS[0].shape[0]], dtype=tl.float32)
+    S2 = tl.zeros_like(S1)
+    U = tl.zeros_like(S1)
+    db1_acc = tl.zeros_like(BS[0])
+    dact1 = _zero_act_grads(ACTS[0])
     # the deeper layers' (weight, bias, activation-parameter) accumulators
-    grads2 = (tl.zeros([BLOCK_H1, BLOCK_H2], dtype=tl.float32), tl.zeros_like(bias2), _zero_act_grads(act2))
-    grads3 = (tl.zeros([BLOCK_H2, BLOCK_H3], dtype=tl.float32), tl.zeros_like(bias3), _zero_act_grads(act3))
-    grads4 = (tl.zeros([BLOCK_H3, BLOCK_H4], dtype=tl.float32), tl.zeros_like(bias4), _zero_act_grads(act4))
-    dwo_acc = tl.zeros([BLOCK_HL], dtype=tl.float32)
+    grads2 = (tl.zeros([BS[0].shape[0], BS[1].shape[0]], dtype=tl.float32), tl.zeros_like(BS[1]),
+              _zero_act_grads(ACTS[1]))
+    grads3 = (tl.zeros([BS[1].shape[0], BS[2].shape[0]], dtype=tl.float32), tl.zeros_like(BS[2]),
+              _zero_act_grads(ACTS[2]))
+    grads4 = (tl.zeros([BS[2].shape[0], BS[3].shape[0]], dtype=tl.float32), tl.zeros_like(BS[3]),
+              _zero_act_grads(ACTS[3]))
+    dwo_acc = tl.zeros_like(wo)
     dbo_acc = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
 
     for b in range(pid, B, num_programs):
@@ -590,14 +469,14 @@ def _attention_pool_bwd_kernel(
         b64 = tl.cast(b, tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + offs_d, mask=dmask, other=0.0).to(tl.float32)
         g = tl.load(grad_out_ptr + b64 * stride_gb + offs_d * stride_gd, mask=dmask, other=0.0).to(tl.float32)
-        W_b, c_b = _fold_first_layer(w1, sw1, bias1, q, D, H1, BLOCK_D, BLOCK_H1)
+        W_b, c_b = _fold_first_layer(W[0], BS[0], q, D, HID[0], BLOCK_D, BH[0])
         lse = 0.0
         delta = 0.0
         if SOFTMAX:
             lse = tl.load(lse_ptr + b64)
             delta = tl.load(delta_ptr + b64)  # sum_t w_t dL/dw_t = out_b . g_b (+ scores . grad_scores)
-        dW_b = tl.zeros([BLOCK_D, BLOCK_H1], dtype=tl.float32)
-        dc_b = tl.zeros([BLOCK_H1], dtype=tl.float32)
+        dW_b = tl.zeros_like(W_b)
+        dc_b = tl.zeros_like(BS[0])
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t < T
@@ -610,10 +489,9 @@ def _attention_pool_bwd_kernel(
                 if COUNT_ALL:
                     read = tmask
             k = tl.load(k_ptr + tile_offs, mask=read[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            s, x1, h1, x2, h2, x3, h3, x4, h4 = _mlp_tile(
-                k, W_b, c_b, w2, sw2, bias2, w3, sw3, bias3, w4, sw4, bias4, wo, bo, H1, H2, H3, H4,
-                act1, act2, act3, act4, BLOCK_H1, BLOCK_H2, BLOCK_H3, BLOCK_H4, NUM_LAYERS, ACT, AFFINE, DOT_DTYPE,
-                PRECISION)
+            s, xs, hs = _mlp_tile(k, W_b, c_b, W, BS, ACTS, wo, bo, HID, BH, NUM_LAYERS, ACT, DT, PRECISION)
+            x1, x2, x3, x4 = xs
+            h1, h2, h3, h4 = hs
             # gradient into the pooling weights w_t: k_t . g_b, plus any gradient into the returned scores
             dw = tl.sum(k * g[None, :], axis=1)
             if HAS_GRAD_SCORES:
@@ -633,19 +511,19 @@ def _attention_pool_bwd_kernel(
                 counted = tmask
             # each layer: into its pre-activation (+ through the batch statistics), then its weights;
             # a sums pass stops at its layer
-            dh, grads4 = _hidden_layer_bwd(dh, x4, h3, w4, sw4, H3, H4, act4, stat_sums4, inv_count, counted, grads4,
-                                           4, NUM_LAYERS, SUMS_LAYER, ACT, AFFINE, DICE_TRAIN, DOT_DTYPE, PRECISION)
-            dh, grads3 = _hidden_layer_bwd(dh, x3, h2, w3, sw3, H2, H3, act3, stat_sums3, inv_count, counted, grads3,
-                                           3, NUM_LAYERS, SUMS_LAYER, ACT, AFFINE, DICE_TRAIN, DOT_DTYPE, PRECISION)
-            dh, grads2 = _hidden_layer_bwd(dh, x2, h1, w2, sw2, H1, H2, act2, stat_sums2, inv_count, counted, grads2,
-                                           2, NUM_LAYERS, SUMS_LAYER, ACT, AFFINE, DICE_TRAIN, DOT_DTYPE, PRECISION)
+            dh, grads4 = _hidden_layer_bwd(dh, x4, h3, W, HID, ACTS[3], stat_sums4, inv_count, counted, grads4,
+                                           4, NUM_LAYERS, SUMS_LAYER, ACT, DICE_TRAIN, DT, PRECISION)
+            dh, grads3 = _hidden_layer_bwd(dh, x3, h2, W, HID, ACTS[2], stat_sums3, inv_count, counted, grads3,
+                                           3, NUM_LAYERS, SUMS_LAYER, ACT, DICE_TRAIN, DT, PRECISION)
+            dh, grads2 = _hidden_layer_bwd(dh, x2, h1, W, HID, ACTS[1], stat_sums2, inv_count, counted, grads2,
+                                           2, NUM_LAYERS, SUMS_LAYER, ACT, DICE_TRAIN, DT, PRECISION)
             if SUMS_LAYER <= 1:
-                G, dact1 = _pre_activation_grad(x1, dh, act1, stat_sums1, inv_count, counted, dact1, 1, SUMS_LAYER, ACT,
-                                                AFFINE, DICE_TRAIN)
+                G, dact1 = _pre_activation_grad(x1, dh, ACTS[0], stat_sums1, inv_count, counted, dact1, 1, SUMS_LAYER,
+                                                ACT, DICE_TRAIN)
                 if SUMS_LAYER == 0:
-                    dW_b += _dot(tl.trans(k), G, DOT_DTYPE, PRECISION)
+                    dW_b = dot(tl.trans(k), G, dW_b, DT, PRECISION)
                     dc_b += tl.sum(G, axis=0)
-                    dk = _dot(G, tl.trans(W_b), DOT_DTYPE, PRECISION) + w[:, None] * g[None, :]
+                    dk = dot(G, tl.trans(W_b), w[:, None] * g[None, :], DT, PRECISION)
                     dk_offs = b64 * T * D + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
                     tl.store(dk_ptr + dk_offs, dk, mask=tile_mask)
         if SUMS_LAYER == 0:
@@ -653,7 +531,7 @@ def _attention_pool_bwd_kernel(
             S2 += q[:, None] * dW_b
             U += q[:, None] * dc_b[None, :]
             db1_acc += dc_b
-            dq = _fold_first_layer_grad_query(w1, sw1, dW_b, dc_b, D, H1, BLOCK_D, BLOCK_H1)
+            dq = _fold_first_layer_grad_query(W[0], dW_b, dc_b, D, HID[0], BLOCK_D, BH[0])
             tl.store(dq_ptr + b64 * D + offs_d, dq, mask=dmask)
 
     pid64 = pid.to(tl.int64)
@@ -664,27 +542,24 @@ def _attention_pool_bwd_kernel(
         _store_vec(psum_p + num_programs * HS, dg, HS, BLOCK_HS)
     else:
         # this program's partials; dWq = U, dWk = S1, dWd = U - S1, dWp = S2 (in nn.Linear layout)
-        pw1_p = pw1 + pid64 * H1 * 4 * D
-        _store_weight_grad(pw1_p, U, 0, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-        _store_weight_grad(pw1_p, S1, D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-        _store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-        _store_weight_grad(pw1_p, S2, 3 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)
-        _store_vec(pb1 + pid64 * H1, db1_acc, H1, BLOCK_H1)
-        _store_act_partials(pid64, pa1, pg1, pe1, dact1, H1, BLOCK_H1, ACT, AFFINE)
-        _store_layer_partials(pid64, pw2, pb2, pa2, pg2, pe2, grads2, H1, H2, 2, NUM_LAYERS, ACT, AFFINE)
-        _store_layer_partials(pid64, pw3, pb3, pa3, pg3, pe3, grads3, H2, H3, 3, NUM_LAYERS, ACT, AFFINE)
-        _store_layer_partials(pid64, pw4, pb4, pa4, pg4, pe4, grads4, H3, H4, 4, NUM_LAYERS, ACT, AFFINE)
-        _store_vec(pwo + pid64 * HL, dwo_acc, HL, BLOCK_HL)
-        tl.store(pbo + pid, dbo_acc)
+        H1 = HID[0]
+        pw1_p = PW[0] + pid64 * H1 * 4 * D
+        _store_weight_grad(pw1_p, U, 0, 4 * D, D, H1, BLOCK_D, BH[0])
+        _store_weight_grad(pw1_p, S1, D, 4 * D, D, H1, BLOCK_D, BH[0])
+        _store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BH[0])
+        _store_weight_grad(pw1_p, S2, 3 * D, 4 * D, D, H1, BLOCK_D, BH[0])
+        _store_vec(PB[0] + pid64 * H1, db1_acc, H1, BH[0])
+        _store_act_partials(pid64, PACT[0], dact1, H1, BH[0], ACT, AFFINE)
+        _store_layer_partials(pid64, PW, PB, PACT, grads2, HID, 2, NUM_LAYERS, ACT, AFFINE)
+        _store_layer_partials(pid64, PW, PB, PACT, grads3, HID, 3, NUM_LAYERS, ACT, AFFINE)
+        _store_layer_partials(pid64, PW, PB, PACT, grads4, HID, 4, NUM_LAYERS, ACT, AFFINE)
+        HL = HID[NUM_LAYERS - 1]
+        _store_vec(PW[NUM_LAYERS] + pid64 * HL, dwo_acc, HL, BH[NUM_LAYERS - 1])
+        tl.store(PB[NUM_LAYERS] + pid, dbo_acc)
 
 
 # ---------------------------------------------------------------------------------------------
 # launchers
-
-
-def _block(n: int) -> int:
-    """tl.dot needs every dimension >= 16."""
-    return max(16, triton.next_power_of_2(max(n, 1)))
 
 
 @functools.lru_cache(maxsize=None)  # asked on every CUDA call (attention_kernel_gap); hidden is a tuple
@@ -699,10 +574,10 @@ def shared_memory_estimate(dim: int, hidden: Tuple[int, ...], dtype: torch.dtype
     160 KB, D=128 256/128 -> 260 KB; fp32 D=64 256/128/64 -> 220 KB): the operands of the products
     dominate, first the folded first layer (D x H1), then the deeper layers' weights.
     """
-    blocks = [_block(h) for h in hidden]
-    fold = _block(dim) * blocks[0]
+    blocks = [block(h) for h in hidden]
+    fold = block(dim) * blocks[0]
     deeper = sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
-    rows = _pick_block_t(1 << 30, list(hidden) + [dim], budget=2048) * (_block(dim) + sum(blocks))
+    rows = _pick_block_t(1 << 30, list(hidden) + [dim], budget=2048) * (block(dim) + sum(blocks))
     estimate = 5 * fold + 3.125 * deeper + 1.5 * rows
     if dtype == torch.float32:
         estimate *= 2.0 * 1.1 if dice_training else 1.1
@@ -723,43 +598,30 @@ def _pick_block_t(seq_len: int, widths: Sequence[int], budget: int) -> int:
     # keep a [BLOCK_T, widest layer] fp32 tile within `budget` elements: with the 80/40 layers,
     # ptxas (sm_90, 8 warps) showed no spills in the forward at 32 rows, and the least in the
     # backward at 16 (no GPU timing yet)
-    cap = max(16, min(64, budget // _block(max(widths))))
-    return min(cap, _block(seq_len))
+    cap = max(16, min(64, budget // block(max(widths))))
+    return min(cap, block(seq_len))
 
 
-def _layer_args(weights, biases, act_tensors, activation, dice_eps, affine):
-    """The per-hidden-layer argument groups (w, b, a, m, v, g, e, row stride, slope stride, eps), 4 of them."""
-    per_layer = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 5 if affine else 3}[activation]
-    groups = []
-    for layer in range(MAX_HIDDEN_LAYERS):
-        if layer >= len(weights) - 1:
-            groups.append((None,) * 7 + (0, 0, 0.0))
-            continue
-        w, b = weights[layer], biases[layer]
-        # the kernel reads the activation parameters with stride 1 (a column of a table is copied)
-        params = [p.contiguous() for p in act_tensors[layer * per_layer:(layer + 1) * per_layer]] + [None] * 5
-        a_stride = 0
-        if activation == "prelu":
-            a_stride = 0 if params[0].numel() == 1 else 1
-        eps = float(dice_eps) if activation == "dice" else 0.0
-        groups.append((w, b, *params[:5], w.stride(0), a_stride, eps))
-    return [x for group in groups for x in group]
+def _mlp_args(weights, biases, act_tensors, activation, dice_affine):
+    """The kernels' (W, BIAS, ACTP, SLOPE_STRIDE) tuples (kernels/mlp.py) from flat act_tensors."""
+    per_layer = {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
+    layers = len(weights) - 1
+    grouped = [act_tensors[i * per_layer:(i + 1) * per_layer] for i in range(layers)] if per_layer else []
+    return layer_tuples(weights, biases, grouped, activation)
 
 
 def _common_meta(keys, weights, activation, affine, block_t, tile_budget):
+    """(hidden sizes padded to 4 by repeating the last, the constexprs both kernels take)."""
     seq_len, dim = keys.shape[1], keys.shape[2]
     hidden = [w.shape[0] for w in weights[:-1]]
-    sizes = hidden + [hidden[-1]] * (MAX_HIDDEN_LAYERS - len(hidden))
-    blocks = [_block(h) for h in sizes]
+    sizes = tuple(hidden + [hidden[-1]] * (MAX_HIDDEN_LAYERS - len(hidden)))
     allow_tf32 = keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    sizes_args = [dim] + sizes + [hidden[-1]]
     meta = dict(
-        BLOCK_T=block_t or _pick_block_t(seq_len, hidden + [dim], tile_budget), BLOCK_D=_block(dim),
-        BLOCK_H1=blocks[0], BLOCK_H2=blocks[1], BLOCK_H3=blocks[2], BLOCK_H4=blocks[3], BLOCK_HL=_block(hidden[-1]),
-        NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
-        DOT_DTYPE=_TRITON_DTYPES[keys.dtype], PRECISION="tf32" if allow_tf32 else "ieee",
+        BLOCK_T=block_t or _pick_block_t(seq_len, hidden + [dim], tile_budget), BLOCK_D=block(dim),
+        BH=tuple(block(h) for h in sizes), NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
+        DT=_TRITON_DTYPES[keys.dtype], PRECISION="tf32" if allow_tf32 else "ieee",
     )
-    return sizes_args, meta
+    return sizes, meta
 
 
 def _positions(lengths: Optional[Tensor], mask: Optional[Tensor]):
@@ -799,9 +661,8 @@ def attention_pool_forward(
     grid = (num_programs or _num_programs(batch, device, per_sm=8),)  # untuned: no GPU measured yet
     _attention_pool_fwd_kernel[grid](
         query, keys, lengths, mask_bytes, out, scores, lse, None,
-        *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
-        weights[-1], biases[-1],
-        batch, seq_len, *sizes,
+        *_mlp_args(weights, biases, act_tensors, activation, dice_affine), sizes, float(dice_eps),
+        batch, seq_len, dim,
         query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),
         scores.stride(0) if return_scores else 0, 0,
         HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
@@ -842,15 +703,14 @@ def attention_dice_batch_stats(
         parts = _new((3, programs, width), torch.float32, device)
         _attention_pool_fwd_kernel[(programs,)](
             query, keys, lengths, mask_bytes, None, None, None, parts,
-            *_layer_args(weights, biases, act, "dice", dice_eps, dice_affine),
-            weights[-1], biases[-1],
-            batch, seq_len, *sizes,
+            *_mlp_args(weights, biases, act, "dice", dice_affine), sizes, float(dice_eps),
+            batch, seq_len, keys.shape[2],
             query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, 0, 0, width,
             HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=False, STORE_SCORES=False,
-            STATS_LAYER=layer + 1, COUNT_ALL=count_all, BLOCK_HS=_block(width),
+            STATS_LAYER=layer + 1, COUNT_ALL=count_all, BLOCK_HS=block(width),
             num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
         )
-        block_h = min(_block(width), 64)
+        block_h = min(block(width), 64)
         running_mean, running_var = act[layer * per_layer + 1], act[layer * per_layer + 2]
         _dice_batch_stats_kernel[(triton.cdiv(width, block_h),)](
             parts, programs, width, stats[layer], h_max, running_mean, running_var, float(momenta[layer]),
@@ -898,27 +758,26 @@ def attention_pool_backward(
     else:
         sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t, tile_budget=2048)
         lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
-        partial_args = []
-        for layer in range(MAX_HIDDEN_LAYERS):
-            if layer < len(hidden):
-                partial_args += [partial_w[layer], partial_b[layer], partial_a[layer], partial_g[layer], partial_e[layer]]
-            else:
-                partial_args += [None] * 5
+        mlp_args = _mlp_args(weights, biases, act_tensors, activation, dice_affine)
+        # per hidden layer (slope or alpha, Dice weight, Dice bias); a partial never written stands in
+        # for the ones a case has not, and absent layers repeat the first
+        partial_act = [tuple(p if p is not None else partial_b[layer] for p in group)
+                       for layer, group in enumerate(zip(partial_a, partial_g, partial_e))]
+        partial_act += partial_act[:1] * (MAX_HIDDEN_LAYERS - len(hidden))
         dice_train = dice_count is not None
         sums = _new((len(hidden), 2, max(hidden)), torch.float32, device) if dice_train else None
 
         def launch(sums_layer, psum, width):
             _attention_pool_bwd_kernel[(programs,)](
                 query, keys, lengths, mask_bytes, grad_out, grad_scores, lse, delta, dq, dk,
-                *_layer_args(weights, biases, act_tensors, activation, dice_eps, dice_affine),
-                weights[-1], biases[-1],
-                *partial_args, partial_w[-1], partial_b[-1], sums, dice_count, psum,
-                batch, seq_len, *sizes,
+                *mlp_args, sizes, float(dice_eps),
+                tuple(partial_w), tuple(partial_b), tuple(partial_act), sums, dice_count, psum,
+                batch, seq_len, dim,
                 query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
                 *(grad_scores.stride() if grad_scores is not None else (0, 0)), max(hidden), width,
                 HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
                 HAS_GRAD_SCORES=grad_scores is not None, DICE_TRAIN=dice_train, COUNT_ALL=dice_count_all,
-                SUMS_LAYER=sums_layer, BLOCK_HS=_block(width), num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+                SUMS_LAYER=sums_layer, BLOCK_HS=block(width), num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
             )
 
         if dice_train:  # the layers' (S, Q) through the batch statistics, from the top layer down

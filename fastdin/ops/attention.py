@@ -314,10 +314,8 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     dtype = kernel_dtype(keys)
     query, keys = query.to(dtype), keys.to(dtype)
     # the kernel takes any strides except in the last dim (keys expanded over B stay a view); the
-    # launchers copy strided lengths (table[:, 0]), B integers
+    # launchers copy strided lengths (table[:, 0]), B integers, and parameters that are not contiguous
     query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]
-    weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
-    biases = [b if b.stride(-1) == 1 else b.contiguous() for b in biases]
     act_tensors, dice_eps, dice_affine = _attention_act_tensors(activation, act_params)
     dice_count, count_all = None, dice_stats == "all"
     if activation == "dice" and act_params[0].training:

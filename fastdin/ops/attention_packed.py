@@ -222,8 +222,6 @@ def attention_pool_packed(query, keys, weights, biases, activation, act_params, 
     rows = _kernels().packed_rows(lengths=lengths, mask=mask, offsets=offsets, batch=keys.shape[0],
                                   seq_len=keys.shape[1] if keys.dim() == 3 else 0, device=keys.device)
     per_layer, act_flat, dice_eps, dice_affine = _act_tensors(activation, act_params)
-    # the kernels read biases and activation parameters with stride 1 (a column of a table is copied)
-    biases, act_flat = [b.contiguous() for b in biases], [t.contiguous() for t in act_flat]
     softmax = normalization == "softmax"
     if torch.compiler.is_compiling():  # one opaque graph node
         out, scores, _lse = _packed_op(query, keys, list(weights), list(biases), act_flat, rows.source,

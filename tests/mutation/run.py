@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the tree that is mutated (a copy u
 ATTENTION = "kernels/attention_pool.py"
 DICE = "kernels/dice.py"
 PACKED = "kernels/attention_packed.py"
+MLP = "kernels/mlp.py"
 OPS_PACKED = "fastdin/ops/attention_packed.py"
 OPS_ATTENTION = "fastdin/ops/attention.py"
 OPS_DICE = "fastdin/ops/dice.py"
@@ -63,6 +64,8 @@ PACKED_TESTS = ["tests/test_attention_packed_kernel.py", "tests/test_program_spl
 TRAIN_TESTS = ["tests/test_attention_dice_train.py", "tests/test_program_split.py::test_attention_split_independent",
                "tests/test_layouts.py::test_attention_layout"]
 SHARED_STATS_TESTS = DICE_TESTS + TRAIN_TESTS
+# kernels/mlp.py: the attention MLP's parameters and activations, shared by both attention kernels
+MLP_TESTS = PACKED_TESTS + [t for t in ATTENTION_TESTS if t not in PACKED_TESTS]
 ERROR_TESTS = ["tests/test_errors.py", "tests/test_dice_kernel.py::test_kernel_gap"]
 DESELECT = "not sm90"
 
@@ -98,21 +101,30 @@ MUTANTS = [
     Mutant("attn-bwd-tile-bound-off-by-one", ATTENTION, [("            tmask = offs_t < T\n", "            tmask = offs_t < T - 1\n")],
            "backward: the last position of every row is never loaded nor stored", ATTENTION_TESTS, occurrence=1),
     # ---------------------------------------------------------------- attention kernel: activations
-    M("attn-prelu-bwd-slope-dropped", ATTENTION, "dx = tl.where(x > 0, dh, a[None, :] * dh)", "dx = tl.where(x > 0, dh, dh)",
-      "PReLU backward uses slope 1 on the negative side (wrong slope)", ATTENTION_TESTS),
-    M("attn-prelu-slope-grad-wrong-side", ATTENTION, "da = tl.sum(tl.where(x > 0, 0.0, x * dh), axis=0)",
-      "da = tl.sum(tl.where(x > 0, x * dh, 0.0), axis=0)", "PReLU slope gradient taken on the positive side",
-      ATTENTION_TESTS),
-    M("attn-prelu-slope-stride-ignored", ATTENTION, "a_stride = 0 if params[0].numel() == 1 else 1", "a_stride = 0",
-      "per-feature PReLU slopes read as one shared slope (a stride ignored)", ATTENTION_TESTS),
-    M("attn-dice-alpha-grad-wrong", ATTENTION, "da = tl.sum(dh * x * (1.0 - p), axis=0)", "da = tl.sum(dh * x * p, axis=0)",
-      "Dice alpha gradient uses p instead of 1 - p", ATTENTION_TESTS),
-    M("attn-dice-weight-grad-unnormalised", ATTENTION,
-      "dgamma = tl.sum(dz * (x - mean[None, :]) * inv_std[None, :], axis=0)", "dgamma = tl.sum(dz * (x - mean[None, :]), axis=0)",
-      "Dice affine weight gradient uses x - mean instead of x_hat", ATTENTION_TESTS),
-    M("attn-eps-dropped", ATTENTION, "inv_std = 1.0 / tl.sqrt(_load_vec(v_ptr, n, 1, BLOCK, 1.0) + eps)",
-      "inv_std = 1.0 / tl.sqrt(_load_vec(v_ptr, n, 1, BLOCK, 1.0))", "Dice in the attention unit: 1/sqrt(var) without eps",
-      ATTENTION_TESTS),
+    # ---------------------------------------------------------------- both attention kernels (kernels/mlp.py)
+    M("mlp-prelu-bwd-slope-dropped", MLP, "dx = tl.where(x >= 0, dh, a[None, :] * dh)", "dx = tl.where(x >= 0, dh, dh)",
+      "PReLU backward uses slope 1 on the negative side (wrong slope)", MLP_TESTS),
+    M("mlp-prelu-slope-grad-wrong-side", MLP, "da = tl.sum(tl.where(x >= 0, 0.0, x * dh), axis=0)",
+      "da = tl.sum(tl.where(x >= 0, x * dh, 0.0), axis=0)", "PReLU slope gradient taken on the positive side",
+      MLP_TESTS),
+    M("mlp-prelu-slope-stride-ignored", MLP,
+      'slope_strides.append(1 if activation != "prelu" or params[0].numel() > 1 else 0)',
+      'slope_strides.append(1 if activation != "prelu" else 0)',
+      "per-feature PReLU slopes read as one shared slope (a stride ignored)", MLP_TESTS),
+    M("mlp-dice-weight-grad-unnormalised", MLP, "dgamma = tl.sum(g_z * x_hat, axis=0)",
+      "dgamma = tl.sum(g_z * (x - mean[None, :]), axis=0)",
+      "Dice affine weight gradient uses x - mean instead of x_hat", MLP_TESTS),
+    M("mlp-dice-eps-dropped", MLP, "rstd = 1.0 / tl.sqrt(load_vec(params[2], n, 1, BLOCK, 1.0) + eps)",
+      "rstd = 1.0 / tl.sqrt(load_vec(params[2], n, 1, BLOCK, 1.0))",
+      "Dice in the attention unit: 1/sqrt(var) without eps", MLP_TESTS),
+    M("mlp-weights-not-contiguous", MLP, "weights = tuple([w if w.is_contiguous() else w.contiguous() for w in weights])",
+      "weights = tuple(weights)", "a sliced weight read with its fan-in as the row stride", MLP_TESTS),
+    M("mlp-biases-not-contiguous", MLP, "biases = tuple([b if b.is_contiguous() else b.contiguous() for b in biases])",
+      "biases = tuple(biases)", "strided biases read with stride 1", MLP_TESTS),
+    M("mlp-act-params-not-contiguous", MLP,
+      "params = [p if p.is_contiguous() else p.contiguous() for p in act_tensors[layer]] if act_tensors else []",
+      "params = list(act_tensors[layer]) if act_tensors else []",
+      "strided activation parameters (slopes, Dice alpha/weight/bias) read with stride 1", MLP_TESTS),
     # ---------------------------------------------------------------- attention kernel: softmax
     M("attn-softmax-acc-correction-dropped", ATTENTION, "acc = acc * correction + tl.sum(p[:, None] * k, axis=0)",
       "acc = acc + tl.sum(p[:, None] * k, axis=0)", "online softmax: the accumulator is not rescaled (no softmax correction)",
@@ -126,8 +138,8 @@ MUTANTS = [
       "first layer's bias gradient is 0 (a bias gradient dropped)", ATTENTION_TESTS),
     M("attn-score-bias-grad-dropped", ATTENTION, "dbo_acc += tl.sum(ds, axis=0)", "dbo_acc += 0.0 * tl.sum(ds, axis=0)",
       "score layer's bias gradient is 0 (exact only under softmax)", ATTENTION_TESTS),
-    M("attn-fold-dWd-sign", ATTENTION, "_store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)",
-      "_store_weight_grad(pw1_p, S1 - U, 2 * D, 4 * D, D, H1, BLOCK_D, BLOCK_H1)",
+    M("attn-fold-dWd-sign", ATTENTION, "_store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BH[0])",
+      "_store_weight_grad(pw1_p, S1 - U, 2 * D, 4 * D, D, H1, BLOCK_D, BH[0])",
       "first-layer fold: the (q - k) block's gradient has the wrong sign", ATTENTION_TESTS),
     M("attn-fold-dq-product-term-dropped", ATTENTION,
       "return tl.sum((wq + wd) * dc_b[None, :], axis=1) + tl.sum(wp * dW_b, axis=1)",
@@ -146,18 +158,11 @@ MUTANTS = [
              "    tl.store(stats_ptr + feats, var, mask=ok)\n    tl.store(stats_ptr + h_max + feats, mean, mask=ok)")],
            "attention Dice batch statistics: mean and variance swapped", TRAIN_TESTS),
     # ---------------------------------------------------------------- attention launchers: strides and dtypes
-    M("attn-weight-row-stride-ignored", ATTENTION, "groups.append((w, b, *params[:5], w.stride(0), a_stride, eps))",
-      "groups.append((w, b, *params[:5], w.shape[1], a_stride, eps))",
-      "the launcher passes the fan-in as the weight row stride (a sliced weight is misread)", ATTENTION_TESTS),
     M("attn-mask-stride-ignored", ATTENTION, "mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)",
       "mask_strides = (mask.shape[1], 1) if mask is not None else (0, 0)",
       "the launcher assumes a contiguous [B, T] mask", ATTENTION_TESTS),
     M("attn-lengths-stride-ignored", ATTENTION, "lengths = lengths.contiguous() if lengths is not None else None",
       "lengths = lengths", "strided lengths (a column of a table) read as contiguous", ATTENTION_TESTS),
-    M("attn-act-param-stride-ignored", ATTENTION,
-      "params = [p.contiguous() for p in act_tensors[layer * per_layer:(layer + 1) * per_layer]] + [None] * 5",
-      "params = list(act_tensors[layer * per_layer:(layer + 1) * per_layer]) + [None] * 5",
-      "strided activation parameters (slopes, Dice alpha/weight/bias) read with stride 1", ATTENTION_TESTS),
     M("attn-fwd-query-stride-ignored", ATTENTION,
       "        query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),",
       "        dim, keys.stride(0), keys.stride(1), stride_mb, stride_mt, out.stride(0),",
@@ -229,8 +234,6 @@ MUTANTS = [
     M("dice-param-stride-ignored", DICE, "return None if t is None else t.reshape(-1).contiguous()",
       "return None if t is None else t.reshape(-1)", "strided alpha/weight/bias/mask read with stride 1", DICE_TESTS),
     # ---------------------------------------------------------------- packed-rows attention kernels
-    M("packed-prelu-bwd-slope-dropped", PACKED, "dx = tl.where(x >= 0, dh, a[None, :] * dh)", "dx = tl.where(x >= 0, dh, dh)",
-      "packed: PReLU backward uses slope 1 on the negative side (wrong slope)", PACKED_TESTS),
     M("packed-softmax-carry-correction-dropped", PACKED, "scale = tl.where(carried, tl.exp(carry_m - m), 0.0)",
       "scale = tl.where(carried, 1.0, 0.0)", "packed: a user's softmax carried across tiles is not rescaled "
       "(no softmax correction)", PACKED_TESTS),
@@ -296,21 +299,12 @@ MUTANTS = [
       "", "packed: a user with no valid position gets no output written (garbage instead of zeros)", PACKED_TESTS),
     M("packed-dk-padding-not-zeroed", PACKED, "        _store_padding_zeros(dk_ptr,", "        if False:\n            _store_padding_zeros(dk_ptr,",
       "packed backward: dkeys at padded positions left unwritten", PACKED_TESTS),
-    M("packed-prelu-slope-grad-wrong-side", PACKED, "da = tl.sum(tl.where(x >= 0, 0.0, x * dh), axis=0)",
-      "da = tl.sum(tl.where(x >= 0, x * dh, 0.0), axis=0)", "packed: PReLU slope gradient taken on the positive side",
-      PACKED_TESTS),
-    M("packed-dice-eps-dropped", PACKED, "rstd = 1.0 / tl.sqrt(_load_vec(params[2], n, 1, BLOCK, 1.0) + eps)",
-      "rstd = 1.0 / tl.sqrt(_load_vec(params[2], n, 1, BLOCK, 1.0))",
-      "packed Dice (eval): 1/sqrt(var) without eps", PACKED_TESTS),
     M("packed-mask-positions-reversed", PACKED,
       "positions = torch.argsort(mask.logical_not().to(torch.uint8), dim=1, stable=True)",
       "positions = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)",
       "packed: a mask's valid positions looked up as its padded ones", PACKED_TESTS),
     M("packed-lengths-stride-ignored", OPS_PACKED, "lengths = lengths.contiguous() if lengths is not None else None",
       "lengths = lengths", "packed: strided lengths read as contiguous", PACKED_TESTS),
-    M("packed-param-stride-ignored", OPS_PACKED,
-      "biases, act_flat = [b.contiguous() for b in biases], [t.contiguous() for t in act_flat]", "pass",
-      "packed: strided biases and activation parameters read with stride 1", PACKED_TESTS),
     # ---------------------------------------------------------------- ops (autograd and custom ops)
     M("op-compiled-attention-weight-grads-none", OPS_ATTENTION, "    return (*grads, None, None, None, None, None, None, None, None, None)",
       "    return (grads[0], grads[1], [None] * len(grads[2]), grads[3], grads[4], None, None, None, None, None, None, None, None, None)",
@@ -319,8 +313,6 @@ MUTANTS = [
       "    dweight, dbias = None, None", "the compiled Dice op's backward returns None for weight and bias", DICE_TESTS),
     M("op-compiled-dice-running-stats-dropped", OPS_DICE, "            running_mean.copy_(new_mean)\n",
       "", "compiled Dice does not update the running mean", DICE_TESTS),
-    M("op-transposed-weight-not-copied", OPS_ATTENTION, "weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]",
-      "weights = list(weights)", "a transposed weight (stride(-1) != 1) passed to the kernel as is", ATTENTION_TESTS),
     M("op-keys-last-stride-not-copied", OPS_ATTENTION,
       "query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]", "pass",
       "keys with stride(-1) != 1 passed to the kernel as is", ATTENTION_TESTS),
