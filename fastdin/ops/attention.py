@@ -97,21 +97,6 @@ def _attention_kernels():
     return attention_kernels
 
 
-def _attention_act_tensors(activation: str, act_params) -> tuple:
-    """Flatten act_params for the kernel: (tensors, Dice eps, Dice affine)."""
-    if activation == "prelu":
-        return [p.reshape(-1) for p in act_params], 0.0, False
-    if activation != "dice":
-        return [], 0.0, False
-    affine = act_params[0].weight is not None
-    tensors = []
-    for p in act_params:
-        tensors += [p.alpha.reshape(-1), p.running_mean, p.running_var]
-        if affine:
-            tensors += [p.weight, p.bias]
-    return tensors, float(act_params[0].eps), affine  # one eps for all layers (attention_kernel_gap)
-
-
 def _attention_dice_stats(
     query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], alphas: list[Tensor],
     running_means: list[Tensor], running_vars: list[Tensor], dice_weights: list[Tensor], dice_biases: list[Tensor],
@@ -316,7 +301,7 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     # the kernel takes any strides except in the last dim (keys expanded over B stay a view); the
     # launchers copy strided lengths (table[:, 0]), B integers, and parameters that are not contiguous
     query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]
-    act_tensors, dice_eps, dice_affine = _attention_act_tensors(activation, act_params)
+    _, act_tensors, dice_eps, dice_affine = attention_packed.flat_act_tensors(activation, act_params)
     dice_count, count_all = None, dice_stats == "all"
     if activation == "dice" and act_params[0].training:
         act_tensors, dice_count = _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask,

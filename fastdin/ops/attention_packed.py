@@ -7,7 +7,7 @@ kernels (fastdin.kernels.attention_pool) for the rest: training-mode Dice, and f
 for a program's shared memory. Inputs arrive checked.
 """
 import functools
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -59,8 +59,10 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
     return None
 
 
-def _act_tensors(activation: str, act_params):
-    """(per-layer tensor count, flat act tensors, Dice eps, Dice affine) for the launchers."""
+def flat_act_tensors(activation: str, act_params):
+    """(per-layer tensor count, flat act tensors, Dice eps, Dice affine) for both attention kernels'
+    launchers: per layer [slope] (PReLU), [alpha, running mean, running var(, weight, bias)] (Dice).
+    One eps for all layers (fastdin.ops.attention.attention_kernel_gap)."""
     if activation == "prelu":
         return 1, [p.reshape(-1) for p in act_params], 0.0, False
     if activation != "dice":
@@ -83,28 +85,59 @@ def _trainable(activation: str, per_layer: int):
     return [i for i in range(per_layer) if activation == "prelu" or i in (0, 3, 4)]
 
 
-def _forward(query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps, dice_affine,
-             softmax, return_scores, per_layer):
+class Spec(NamedTuple):
+    """What a call fixes besides its tensors (frozen and hashable: the custom ops take it as its fields)."""
+
+    jagged: bool  # keys [N, D] with offsets, else padded [B, T, D]
+    activation: str
+    dice_eps: float
+    dice_affine: bool
+    softmax: bool
+    return_scores: bool
+    per_layer: int  # act tensors per hidden layer (0, 1 for PReLU, 3 or 5 for Dice)
+
+
+def _forward(query, keys, weights, biases, act_flat, source, positions, spec: Spec):
     kernels = _kernels()
-    rows = kernels.PackedRows(source, positions, jagged)
+    rows = kernels.PackedRows(source, positions, spec.jagged)
     out, scores, lse = kernels.packed_attention_forward(
-        query, keys, weights, biases, _per_layer(act_flat, per_layer, len(weights) - 1), rows, activation, dice_eps,
-        dice_affine, softmax, return_scores)
+        query, keys, weights, biases, _per_layer(act_flat, spec.per_layer, len(weights) - 1), rows, spec.activation,
+        spec.dice_eps, spec.dice_affine, spec.softmax, spec.return_scores)
     empty = keys.new_empty(0)
     return out, scores if scores is not None else empty, lse if lse is not None else empty.float()
 
 
-def _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged, out, scores,
-              lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer):
+def _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out, scores, lse,
+              spec: Spec):
     """[dquery, dkeys, *dweights, *dbiases, *d(trainable act tensors)]."""
     kernels = _kernels()
     if grad_out is None:  # only the scores were used
         grad_out = torch.zeros_like(out)
-    rows = kernels.PackedRows(source, positions, jagged)
+    rows = kernels.PackedRows(source, positions, spec.jagged)
     return kernels.packed_attention_backward(
-        grad_out, grad_scores if return_scores else None, query, keys, weights, biases,
-        _per_layer(act_flat, per_layer, len(weights) - 1), rows, out, scores if return_scores else None,
-        lse if softmax else None, activation, dice_eps, dice_affine, softmax)
+        grad_out, grad_scores if spec.return_scores else None, query, keys, weights, biases,
+        _per_layer(act_flat, spec.per_layer, len(weights) - 1), rows, out, scores if spec.return_scores else None,
+        lse if spec.softmax else None, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax)
+
+
+def _act_grads(trained, spec: Spec, n_act: int):
+    """Gradients for every act tensor in order: None for Dice's running statistics."""
+    trained = iter(trained)
+    keep = set(_trainable(spec.activation, spec.per_layer))
+    return [next(trained) if i % spec.per_layer in keep else None for i in range(n_act)]
+
+
+def _saved(ctx, query, keys, source, positions, out, scores, lse, weights, biases, act_flat, spec: Spec):
+    ctx.save_for_backward(query, keys, source, positions, out, scores, lse, *weights, *biases, *act_flat)
+    ctx.spec, ctx.layers = spec, len(weights)
+
+
+def _restored(ctx):
+    """(query, keys, source, positions, out, scores, lse, weights, biases, act_flat) as `_saved` kept them."""
+    query, keys, source, positions, out, scores, lse, *tensors = ctx.saved_tensors
+    layers = ctx.layers
+    return (query, keys, source, positions, out, scores, lse, list(tensors[:layers]),
+            list(tensors[layers:2 * layers]), list(tensors[2 * layers:]))
 
 
 class _PackedAttentionFunction(torch.autograd.Function):
@@ -112,13 +145,10 @@ class _PackedAttentionFunction(torch.autograd.Function):
     times its host time per call, bench/dispatch_overhead.py)."""
 
     @staticmethod
-    def forward(ctx, query, keys, source, positions, jagged, activation, dice_eps, dice_affine, softmax,
-                return_scores, layers, per_layer, *tensors):
+    def forward(ctx, query, keys, source, positions, spec, layers, *tensors):
         weights, biases, act_flat = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
-        out, scores, lse = _forward(query, keys, weights, biases, act_flat, source, positions, jagged, activation,
-                                    dice_eps, dice_affine, softmax, return_scores, per_layer)
-        ctx.save_for_backward(query, keys, source, positions, out, scores, lse, *tensors)
-        ctx.static = (jagged, activation, dice_eps, dice_affine, softmax, return_scores, layers, per_layer)
+        out, scores, lse = _forward(query, keys, weights, biases, act_flat, source, positions, spec)
+        _saved(ctx, query, keys, source, positions, out, scores, lse, weights, biases, act_flat, spec)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
         return out, scores, lse
@@ -126,37 +156,32 @@ class _PackedAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_scores, _grad_lse):
-        query, keys, source, positions, out, scores, lse, *tensors = ctx.saved_tensors
-        jagged, activation, dice_eps, dice_affine, softmax, return_scores, layers, per_layer = ctx.static
-        weights, biases, act_flat = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
-        grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged,
-                          out, scores, lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
-        return (grads[0], grads[1]) + (None,) * 10 + tuple(grads[2:2 + 2 * layers]) + _act_grads(
-            grads[2 + 2 * layers:], activation, per_layer, layers - 1)
+        query, keys, source, positions, out, scores, lse, weights, biases, act_flat = _restored(ctx)
+        grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out,
+                          scores, lse, ctx.spec)
+        layers = ctx.layers
+        no_grads = (None,) * 4  # source, positions, spec, layers
+        return (grads[0], grads[1], *no_grads, *grads[2:2 + 2 * layers],
+                *_act_grads(grads[2 + 2 * layers:], ctx.spec, len(act_flat)))
 
 
-def _act_grads(trained, activation, per_layer, layers):
-    """Gradients for every act tensor in order: None for Dice's running statistics."""
-    trained = iter(trained)
-    keep = set(_trainable(activation, per_layer))
-    return tuple(next(trained) if i % per_layer in keep else None for i in range(per_layer * layers))
-
-
+# The custom ops (torch.compile, export) take the Spec as its fields: a schema holds no NamedTuple. Their
+# schemas stay as they were: graphs in torch's on-disk compile caches call them with these arguments.
 @torch.library.custom_op("fastdin::packed_attention_pool", mutates_args=())
 def _packed_op(query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], act_flat: list[Tensor],
                source: Tensor, positions: Optional[Tensor], jagged: bool, activation: str, dice_eps: float,
                dice_affine: bool, softmax: bool, return_scores: bool, per_layer: int) -> tuple[Tensor, Tensor, Tensor]:
     """(out [B, D], scores (keys' layout without D) or empty, softmax log-sum-exp [B] fp32 or empty)."""
-    return _forward(query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps,
-                    dice_affine, softmax, return_scores, per_layer)
+    spec = Spec(jagged, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
+    return _forward(query, keys, weights, biases, act_flat, source, positions, spec)
 
 
 @_packed_op.register_fake
-def _packed_fake(query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps,
-                 dice_affine, softmax, return_scores, per_layer):
+def _packed_fake(query, keys, weights, biases, act_flat, source, positions, *fields):
+    spec = Spec(*fields)
     out = keys.new_empty((query.shape[0], query.shape[1]))
-    scores = keys.new_empty(keys.shape[:-1] if return_scores else (0,))
-    lse = keys.new_empty((query.shape[0],) if softmax else (0,), dtype=torch.float32)
+    scores = keys.new_empty(keys.shape[:-1] if spec.return_scores else (0,))
+    lse = keys.new_empty((query.shape[0],) if spec.softmax else (0,), dtype=torch.float32)
     return out, scores, lse
 
 
@@ -166,44 +191,39 @@ def _packed_backward_op(grad_out: Tensor, grad_scores: Optional[Tensor], query: 
                         positions: Optional[Tensor], jagged: bool, out: Tensor, scores: Tensor, lse: Tensor,
                         activation: str, dice_eps: float, dice_affine: bool, softmax: bool, return_scores: bool,
                         per_layer: int) -> list[Tensor]:
-    grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged, out,
-                      scores, lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
+    spec = Spec(jagged, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
+    grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out, scores,
+                      lse, spec)
     # the weight gradients are views of one buffer; a custom op's outputs may not alias each other
     return grads[:2] + [g.clone() for g in grads[2:]]
 
 
 @_packed_backward_op.register_fake
 def _packed_backward_fake(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, jagged,
-                          out, scores, lse, activation, dice_eps, dice_affine, softmax, return_scores, per_layer):
+                          out, scores, lse, *fields):
+    spec = Spec(jagged, *fields)
     grads = [query.new_empty(query.shape), keys.new_empty(keys.shape)]
     grads += [t.new_empty(t.shape) for t in [*weights, *biases]]
-    keep = set(_trainable(activation, per_layer))
-    grads += [t.new_empty(t.shape) for i, t in enumerate(act_flat) if i % per_layer in keep]
+    keep = set(_trainable(spec.activation, spec.per_layer))
+    grads += [t.new_empty(t.shape) for i, t in enumerate(act_flat) if i % spec.per_layer in keep]
     return grads
 
 
 def _setup_context(ctx, inputs, output):
-    (query, keys, weights, biases, act_flat, source, positions, jagged, activation, dice_eps, dice_affine, softmax,
-     return_scores, per_layer) = inputs
-    out, scores, lse = output
-    ctx.save_for_backward(query, keys, source, positions, out, scores, lse, *weights, *biases, *act_flat)
-    ctx.static = (jagged, activation, dice_eps, dice_affine, softmax, return_scores, len(weights), per_layer)
+    query, keys, weights, biases, act_flat, source, positions, *fields = inputs
+    _saved(ctx, query, keys, source, positions, *output, weights, biases, act_flat, Spec(*fields))
 
 
 def _op_backward(ctx, grad_out, grad_scores, _grad_lse):
-    query, keys, source, positions, out, scores, lse, *tensors = ctx.saved_tensors
-    jagged, activation, dice_eps, dice_affine, softmax, return_scores, layers, per_layer = ctx.static
-    weights, biases, act_flat = tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:]
+    query, keys, source, positions, out, scores, lse, weights, biases, act_flat = _restored(ctx)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = _packed_backward_op(grad_out, grad_scores if return_scores else None, query, keys, list(weights),
-                                list(biases), list(act_flat), source, positions, jagged, out, scores, lse, activation,
-                                dice_eps, dice_affine, softmax, return_scores, per_layer)
-    trained = iter(grads[2 + 2 * layers:])
-    keep = set(_trainable(activation, per_layer))
-    dact = [next(trained) if i % per_layer in keep else None for i in range(len(act_flat))]
-    return (grads[0], grads[1], list(grads[2:2 + layers]), list(grads[2 + layers:2 + 2 * layers]), dact,
-            None, None, None, None, None, None, None, None, None)
+    spec, layers = ctx.spec, ctx.layers
+    grads = _packed_backward_op(grad_out, grad_scores if spec.return_scores else None, query, keys, weights, biases,
+                                act_flat, source, positions, spec.jagged, out, scores, lse, *spec[1:])
+    dact = _act_grads(grads[2 + 2 * layers:], spec, len(act_flat))
+    no_grads = (None,) * (2 + len(Spec._fields))  # source, positions and the Spec's fields
+    return (grads[0], grads[1], list(grads[2:2 + layers]), list(grads[2 + layers:2 + 2 * layers]), dact, *no_grads)
 
 
 _packed_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -221,17 +241,14 @@ def attention_pool_packed(query, keys, weights, biases, activation, act_params, 
     lengths = lengths.contiguous() if lengths is not None else None  # read at len_ptr + b
     rows = _kernels().packed_rows(lengths=lengths, mask=mask, offsets=offsets, batch=keys.shape[0],
                                   seq_len=keys.shape[1] if keys.dim() == 3 else 0, device=keys.device)
-    per_layer, act_flat, dice_eps, dice_affine = _act_tensors(activation, act_params)
-    softmax = normalization == "softmax"
+    per_layer, act_flat, dice_eps, dice_affine = flat_act_tensors(activation, act_params)
+    spec = Spec(rows.jagged, activation, dice_eps, dice_affine, normalization == "softmax", return_scores, per_layer)
     if torch.compiler.is_compiling():  # one opaque graph node
         out, scores, _lse = _packed_op(query, keys, list(weights), list(biases), act_flat, rows.source,
-                                       rows.positions, rows.jagged, activation, dice_eps, dice_affine, softmax,
-                                       return_scores, per_layer)
+                                       rows.positions, *spec)
     elif not torch.is_grad_enabled():  # inference: no autograd node to build
-        out, scores, _lse = _forward(query, keys, weights, biases, act_flat, rows.source, rows.positions, rows.jagged,
-                                     activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
+        out, scores, _lse = _forward(query, keys, weights, biases, act_flat, rows.source, rows.positions, spec)
     else:
-        out, scores, _lse = _PackedAttentionFunction.apply(
-            query, keys, rows.source, rows.positions, rows.jagged, activation, dice_eps, dice_affine, softmax,
-            return_scores, len(weights), per_layer, *weights, *biases, *act_flat)
+        out, scores, _lse = _PackedAttentionFunction.apply(query, keys, rows.source, rows.positions, spec,
+                                                           len(weights), *weights, *biases, *act_flat)
     return out, (scores if return_scores else None)
