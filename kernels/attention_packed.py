@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdin.kernels.mlp import ACT_CODES, MAX_HIDDEN_LAYERS, act_bwd, act_fwd, block, dot, layer_tuples, load_act, load_vec
+from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, GradLayout, act_bwd, act_fwd, block, dot, grad_layout,
+                                 layer_tuples, load_act, load_vec, store_partials, sum_partials)
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
@@ -46,7 +47,6 @@ BLOCK_B = 1024  # lengths scanned per step
 NUM_WARPS_FWD = 4
 NUM_WARPS_BWD = 8
 NUM_STAGES = 1
-REDUCE_BLOCK = 1024
 NEG = tl.constexpr(-1.0e30)  # a score below every real one (masked rows)
 
 
@@ -465,54 +465,6 @@ def _zero_grads(bias, BLOCK_IN: tl.constexpr):
 
 
 @triton.jit
-def _store_matrix(ptr, tile, n_rows, n_cols, row_stride, col0):
-    rows = tl.arange(0, tile.shape[0])
-    cols = tl.arange(0, tile.shape[1])
-    ok = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + rows[:, None] * row_stride + col0 + cols[None, :], tile, mask=ok)
-
-
-@triton.jit
-def _store_vector(ptr, vec, n):
-    offs = tl.arange(0, vec.shape[0])
-    tl.store(ptr + offs, vec, mask=offs < n)
-
-
-@triton.jit
-def _store_act_grads(ptr, dact, n, slope_stride, ACT: tl.constexpr, AFFINE: tl.constexpr):
-    """Store a layer's activation-parameter partials; returns the pointer past them (flat layout
-    of `_grad_layout`)."""
-    da, dgamma, dbeta = dact
-    if ACT == 2:
-        if slope_stride == 0:
-            tl.store(ptr, tl.sum(da, axis=0))
-        else:
-            _store_vector(ptr, da, n)
-        ptr += tl.where(slope_stride == 0, 1, n)
-    if ACT == 3:
-        _store_vector(ptr, da, n)
-        ptr += n
-        if AFFINE:
-            _store_vector(ptr, dgamma, n)
-            _store_vector(ptr + n, dbeta, n)
-            ptr += 2 * n
-    return ptr
-
-
-@triton.jit
-def _store_layer_grads(ptr, grads, n_out, n_in, slope_stride, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
-                       ACT: tl.constexpr, AFFINE: tl.constexpr):
-    if NUM_LAYERS >= LAYER:
-        dw, db, dact = grads
-        _store_matrix(ptr, dw, n_out, n_in, n_in, 0)
-        ptr += n_out * n_in
-        _store_vector(ptr, db, n_out)
-        ptr += n_out
-        ptr = _store_act_grads(ptr, dact, n_out, slope_stride, ACT, AFFINE)
-    return ptr
-
-
-@triton.jit
 def _packed_bwd_kernel(
     q_ptr, k_ptr, len_ptr, pos_ptr, offs_ptr, out_ptr, lse_ptr, scores_ptr, go_ptr, gs_ptr, delta_ptr,
     dq_ptr, dk_ptr, part_ptr,
@@ -628,34 +580,8 @@ def _packed_bwd_kernel(
         _store_padding_zeros(dk_ptr, D, stride_dkb, stride_dkt, u_begin, u_end, row_end, offs_ptr, len_ptr, pos_ptr,
                              B, T, NV, n_iter, BLOCK_M, BLOCK_D, POS_MAP)
 
-    # this program's partials, in the flat layout of _grad_layout
-    ptr = part_ptr + tl.program_id(0).to(tl.int64) * part_stride
-    H1 = HID[0]
-    _store_matrix(ptr, U, H1, D, 4 * D, 0)
-    _store_matrix(ptr, S_k, H1, D, 4 * D, D)
-    _store_matrix(ptr, U - S_k, H1, D, 4 * D, 2 * D)
-    _store_matrix(ptr, S_p, H1, D, 4 * D, 3 * D)
-    ptr += H1 * 4 * D
-    _store_vector(ptr, db1, H1)
-    ptr += H1
-    ptr = _store_act_grads(ptr, dact1, H1, SLOPE_STRIDE[0], ACT, AFFINE)
-    # (absent layers: HID, SLOPE_STRIDE, BH and ACTP are padded to 4 entries by the launcher)
-    ptr = _store_layer_grads(ptr, grads2, HID[1], H1, SLOPE_STRIDE[1], 2, NUM_LAYERS, ACT, AFFINE)
-    ptr = _store_layer_grads(ptr, grads3, HID[2], HID[1], SLOPE_STRIDE[2], 3, NUM_LAYERS, ACT, AFFINE)
-    ptr = _store_layer_grads(ptr, grads4, HID[3], HID[2], SLOPE_STRIDE[3], 4, NUM_LAYERS, ACT, AFFINE)
-    _store_vector(ptr, dwo, HID[NUM_LAYERS - 1])
-    tl.store(ptr + HID[NUM_LAYERS - 1], dbo)
-
-
-@triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, n_parts, width, BLOCK: tl.constexpr):
-    """out[i] = sum_p part[p, i], p in order: every weight gradient in one launch, deterministic."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < width
-    total = tl.zeros([BLOCK], tl.float32)
-    for p in range(0, n_parts):
-        total += tl.load(part_ptr + p * width + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + cols, total, mask=ok)
+    store_partials(part_ptr + tl.program_id(0).to(tl.int64) * part_stride, (U, S_k, S_p), db1, dact1, grads2, grads3,
+                   grads4, dwo, dbo, D, HID, SLOPE_STRIDE, NUM_LAYERS, ACT, AFFINE, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,42 +624,13 @@ def _num_programs(device: torch.device, rows_bound: int, block_m: int, per_sm: i
     return max(1, min(sms * per_sm, triton.cdiv(max(rows_bound, 1), block_m)))
 
 
-def _grad_layout(dim: int, hidden: tuple, activation: str, affine: bool, slope_sizes: tuple):
-    """[(shape, offset)] of every weight gradient in the flat partials buffer, in the order of
-    [*weights, *biases, *trainable activation parameters]; the kernel stores layer by layer:
-    W_l, b_l, act_l for each hidden layer, then the score layer's weight and bias. Returns
-    (that list, total width)."""
-    fan_in, offset = 4 * dim, 0
-    weights, biases, acts = [], [], []
-    for layer, width in enumerate(hidden):
-        weights.append(((width, fan_in), offset))
-        offset += width * fan_in
-        biases.append(((width,), offset))
-        offset += width
-        if activation == "prelu":
-            acts.append(((slope_sizes[layer],), offset))
-            offset += slope_sizes[layer]
-        elif activation == "dice":
-            for _ in range(3 if affine else 1):
-                acts.append(((width,), offset))
-                offset += width
-        fan_in = width
-    weights.append(((1, fan_in), offset))
-    offset += fan_in
-    biases.append(((1,), offset))
-    offset += 1
-    return weights + biases + acts, offset
-
-
 class _Plan(NamedTuple):
     """What a launch needs that depends only on shapes, dtypes and flags: built once per combination
     (no next_power_of_2, no layout arithmetic per call)."""
 
     meta: dict  # the constexprs both kernels take
     hid: tuple  # hidden sizes padded to MAX_HIDDEN_LAYERS entries (absent layers are never read)
-    width: int  # floats per program in the weight-gradient partials
-    reduce_grid: tuple
-    grads: tuple  # (shape, stride, offset) in the flat buffer of each of [*weights, *biases, *acts]
+    grads: GradLayout  # the weight-gradient partials
 
 
 @functools.lru_cache(maxsize=None)
@@ -742,10 +639,8 @@ def _plan(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: 
     padded = tuple(block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
     meta = dict(BLOCK_D=block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
                 DT=_TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
-    entries, width = _grad_layout(dim, hidden, activation, affine, slope_sizes)
-    grads = tuple((shape, (shape[1], 1) if len(shape) == 2 else (1,), offset) for shape, offset in entries)
-    return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)), width,
-                 ((width + REDUCE_BLOCK - 1) // REDUCE_BLOCK,), grads)
+    return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)),
+                 grad_layout(dim, hidden, activation, affine, slope_sizes))
 
 
 def _launch_plan(query, keys, weights, act_tensors, rows: PackedRows, activation, dice_affine):
@@ -819,14 +714,13 @@ def packed_attention_backward(
     device = keys.device
     dim = query.shape[1]
     W, BIAS, ACTP, SLOPE = layer_tuples(weights, biases, act_tensors, activation)
-    width = plan.width
+    width = plan.grads.width
     block = block_m or BLOCK_M
     programs = num_programs or _num_programs(device, n_values if rows.jagged else batch * seq_len, block, 1)
     dq = _new((batch, dim), query.dtype, device)
     dk = _new(keys.shape, keys.dtype, device)
-    flat = _new((width,), torch.float32, device)
     if batch == 0:
-        flat.zero_()
+        parts = torch.zeros((1, width), dtype=torch.float32, device=device)
     else:
         parts = _new((programs, width), torch.float32, device)
         offs = _new((batch,), torch.int64, device)
@@ -845,13 +739,6 @@ def packed_attention_backward(
             BLOCK_M=block, BLOCK_B=BLOCK_B, JAGGED=rows.jagged, POS_MAP=rows.positions is not None,
             SOFTMAX=softmax, HAS_GRAD_SCORES=has_gs, num_warps=NUM_WARPS_BWD, num_stages=NUM_STAGES, **plan.meta,
         )
-        _sum_partials_kernel[plan.reduce_grid](parts, flat, programs, width, BLOCK=REDUCE_BLOCK)
     params = list(weights) + list(biases)
     params += [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
-    grads = []
-    for (shape, stride, offset), p in zip(plan.grads, params):  # views of the flat buffer
-        g = flat.as_strided(shape, stride, offset)
-        if g.shape != p.shape:
-            g = g.view(p.shape)
-        grads.append(g if g.dtype == p.dtype else g.to(p.dtype))
-    return [dq, dk, *grads]
+    return [dq, dk, *sum_partials(parts, plan.grads, params)]

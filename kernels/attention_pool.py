@@ -8,8 +8,8 @@ users (grid-stride loop) tile by tile over T; biases and activation parameters a
 program, the weight matrices are re-read where they are used (from L1/L2): held in registers across
 the loops they made ptxas (sm_90) spill heavily and pushed the backward of 256/128/64 layers past
 the 227 KB of shared memory an H200 block may use. The backward recomputes the activations from the
-keys (flash-attention style) and writes one fp32 partial per program for every weight gradient,
-which the launcher sums (deterministic).
+keys (flash-attention style) and writes one row of fp32 partials per program (every weight gradient,
+kernels/mlp.py), which one launch sums in a fixed order (deterministic).
 
 Dice in training mode (batch statistics per hidden layer, over the valid or all positions) adds
 constexpr modes to both kernels and never stores a [B, T, H] tensor. Forward: per layer l, a
@@ -32,7 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import _merge_stat_partials, chan_merge, update_running_stats
-from fastdin.kernels.mlp import ACT_CODES, MAX_HIDDEN_LAYERS, act_bwd, act_fwd, block, dot, layer_tuples, load_act, load_vec
+from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, act_bwd, act_fwd, block, dot, grad_layout, layer_tuples,
+                                 load_act, load_vec, store_partials, sum_partials)
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
@@ -70,15 +71,6 @@ def _load_weight(w_ptr, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.const
     ptrs = w_ptr + offs_o[:, None] * n_in + offs_i[None, :]
     mask = (offs_o[:, None] < n_out) & (offs_i[None, :] < n_in)
     return tl.load(ptrs, mask=mask, other=0.0).to(DT)
-
-
-@triton.jit
-def _store_weight_grad(ptr, grad_t, col0, row_stride, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
-    """Store a [BLOCK_IN, BLOCK_OUT] gradient of W^T into an nn.Linear-layout [n_out, row_stride] partial."""
-    offs_i = tl.arange(0, BLOCK_IN)
-    offs_o = tl.arange(0, BLOCK_OUT)
-    ptrs = ptr + offs_o[None, :] * row_stride + (col0 + offs_i[:, None])
-    tl.store(ptrs, grad_t, mask=(offs_i[:, None] < n_in) & (offs_o[None, :] < n_out))
 
 
 @triton.jit
@@ -262,30 +254,6 @@ def _hidden_layer_bwd(dh, x, h_below, W, HID, act, stat_sums, inv_count, counted
     return dh, (dw, db, dact)
 
 
-@triton.jit
-def _store_act_partials(pid64, pact, dact, n, BLOCK: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr):
-    """A program's partials of one layer's activation parameters: PReLU slopes or Dice alpha, Dice's weight and bias."""
-    da, dg, de = dact
-    if ACT >= 2:
-        _store_vec(pact[0] + pid64 * n, da, n, BLOCK)
-    if AFFINE:
-        _store_vec(pact[1] + pid64 * n, dg, n, BLOCK)
-        _store_vec(pact[2] + pid64 * n, de, n, BLOCK)
-
-
-@triton.jit
-def _store_layer_partials(pid64, PW, PB, PACT, grads, HID, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
-                          ACT: tl.constexpr, AFFINE: tl.constexpr):
-    """A program's partials of hidden layer LAYER >= 2 (if present): weight, bias, activation parameters."""
-    if NUM_LAYERS >= LAYER:
-        dw, db, dact = grads
-        n_in = HID[LAYER - 2]
-        n_out = HID[LAYER - 1]
-        _store_weight_grad(PW[LAYER - 1] + pid64 * n_out * n_in, dw, 0, n_in, n_in, n_out, dw.shape[0], dw.shape[1])
-        _store_vec(PB[LAYER - 1] + pid64 * n_out, db, n_out, dw.shape[1])
-        _store_act_partials(pid64, PACT[LAYER - 1], dact, n_out, dw.shape[1], ACT, AFFINE)
-
-
 # ---------------------------------------------------------------------------------------------
 # kernels
 #
@@ -407,9 +375,8 @@ def _attention_pool_bwd_kernel(
     q_ptr, k_ptr, len_ptr, mask_ptr, grad_out_ptr, grad_scores_ptr, lse_ptr, delta_ptr,
     dq_ptr, dk_ptr,
     W, BIAS, ACTP, SLOPE_STRIDE, HID, eps,
-    # per-program fp32 partials of every layer: weight PW [P, H_l, fan_in], bias PB [P, H_l]; per hidden
-    # layer PACT = (slope or alpha, Dice weight, Dice bias) [P, H_l] (unused ones: a placeholder)
-    PW, PB, PACT,
+    # per-program fp32 partials of every weight gradient: part [P, part_stride] (kernels/mlp.py)
+    part_ptr, part_stride,
     # training-mode Dice: known sums [L, 2, HMAX], the counted positions n, sums partials [2, P, HS]
     sums_ptr, count_ptr, psum_ptr,
     B, T, D,
@@ -541,21 +508,9 @@ def _attention_pool_bwd_kernel(
         _store_vec(psum_p, de, HS, BLOCK_HS)
         _store_vec(psum_p + num_programs * HS, dg, HS, BLOCK_HS)
     else:
-        # this program's partials; dWq = U, dWk = S1, dWd = U - S1, dWp = S2 (in nn.Linear layout)
-        H1 = HID[0]
-        pw1_p = PW[0] + pid64 * H1 * 4 * D
-        _store_weight_grad(pw1_p, U, 0, 4 * D, D, H1, BLOCK_D, BH[0])
-        _store_weight_grad(pw1_p, S1, D, 4 * D, D, H1, BLOCK_D, BH[0])
-        _store_weight_grad(pw1_p, U - S1, 2 * D, 4 * D, D, H1, BLOCK_D, BH[0])
-        _store_weight_grad(pw1_p, S2, 3 * D, 4 * D, D, H1, BLOCK_D, BH[0])
-        _store_vec(PB[0] + pid64 * H1, db1_acc, H1, BH[0])
-        _store_act_partials(pid64, PACT[0], dact1, H1, BH[0], ACT, AFFINE)
-        _store_layer_partials(pid64, PW, PB, PACT, grads2, HID, 2, NUM_LAYERS, ACT, AFFINE)
-        _store_layer_partials(pid64, PW, PB, PACT, grads3, HID, 3, NUM_LAYERS, ACT, AFFINE)
-        _store_layer_partials(pid64, PW, PB, PACT, grads4, HID, 4, NUM_LAYERS, ACT, AFFINE)
-        HL = HID[NUM_LAYERS - 1]
-        _store_vec(PW[NUM_LAYERS] + pid64 * HL, dwo_acc, HL, BH[NUM_LAYERS - 1])
-        tl.store(PB[NUM_LAYERS] + pid, dbo_acc)
+        # this program's partials; the accumulators hold W^T ([fan_in, H])
+        store_partials(part_ptr + pid64 * part_stride, (U, S1, S2), db1_acc, dact1, grads2, grads3, grads4, dwo_acc,
+                       dbo_acc, D, HID, SLOPE_STRIDE, NUM_LAYERS, ACT, AFFINE, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,25 +700,17 @@ def attention_pool_backward(
     programs = num_programs or _num_programs(batch, device, per_sm=1)
     dq = _new((batch, dim), query.dtype, device)
     dk = _new((batch, seq_len, dim), keys.dtype, device)
-    partial_w = [_new((programs,) + tuple(w.shape), torch.float32, device) for w in weights]
-    partial_b = [_new((programs, w.shape[0]), torch.float32, device) for w in weights]
-    with_alpha = activation in ("prelu", "dice")
-    partial_a = [_new((programs, h), torch.float32, device) if with_alpha else None for h in hidden]
-    partial_g = [_new((programs, h), torch.float32, device) if dice_affine else None for h in hidden]
-    partial_e = [_new((programs, h), torch.float32, device) if dice_affine else None for h in hidden]
+    slope_sizes = tuple([t.numel() for t in act_tensors]) if activation == "prelu" else ()
+    layout = grad_layout(dim, tuple(hidden), activation, dice_affine, slope_sizes)
     if batch == 0:
-        for t in [dq, dk, *partial_w, *partial_b, *partial_a, *partial_g, *partial_e]:
-            if t is not None:
-                t.zero_()
+        dq.zero_()
+        dk.zero_()
+        parts = torch.zeros((1, layout.width), dtype=torch.float32, device=device)
     else:
+        parts = _new((programs, layout.width), torch.float32, device)
         sizes, meta = _common_meta(keys, weights, activation, dice_affine, block_t, tile_budget=2048)
         lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
         mlp_args = _mlp_args(weights, biases, act_tensors, activation, dice_affine)
-        # per hidden layer (slope or alpha, Dice weight, Dice bias); a partial never written stands in
-        # for the ones a case has not, and absent layers repeat the first
-        partial_act = [tuple(p if p is not None else partial_b[layer] for p in group)
-                       for layer, group in enumerate(zip(partial_a, partial_g, partial_e))]
-        partial_act += partial_act[:1] * (MAX_HIDDEN_LAYERS - len(hidden))
         dice_train = dice_count is not None
         sums = _new((len(hidden), 2, max(hidden)), torch.float32, device) if dice_train else None
 
@@ -771,7 +718,7 @@ def attention_pool_backward(
             _attention_pool_bwd_kernel[(programs,)](
                 query, keys, lengths, mask_bytes, grad_out, grad_scores, lse, delta, dq, dk,
                 *mlp_args, sizes, float(dice_eps),
-                tuple(partial_w), tuple(partial_b), tuple(partial_act), sums, dice_count, psum,
+                parts, layout.width, sums, dice_count, psum,
                 batch, seq_len, dim,
                 query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
                 *(grad_scores.stride() if grad_scores is not None else (0, 0)), max(hidden), width,
@@ -791,19 +738,6 @@ def attention_pool_backward(
                     layer_sums = layer_sums * act_tensors[layer * per_layer + 3].float()
                 sums[layer, :, :width] = layer_sums
         launch(0, None, 0)
-    dweights = [p.sum(0).to(w.dtype) for p, w in zip(partial_w, weights)]
-    dbiases = [p.sum(0).to(b.dtype) for p, b in zip(partial_b, biases)]
-    dact = []
     per_layer = {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
-    for layer in range(len(hidden)):
-        params = act_tensors[layer * per_layer:(layer + 1) * per_layer]
-        if activation == "prelu":
-            slope = params[0]
-            grad = partial_a[layer].sum(0)
-            dact.append((grad.sum() if slope.numel() == 1 else grad).reshape(slope.shape).to(slope.dtype))
-        elif activation == "dice":
-            dact.append(partial_a[layer].sum(0).reshape(params[0].shape).to(params[0].dtype))
-            if dice_affine:
-                dact.append(partial_g[layer].sum(0).reshape(params[3].shape).to(params[3].dtype))
-                dact.append(partial_e[layer].sum(0).reshape(params[4].shape).to(params[4].dtype))
-    return [dq, dk, *dweights, *dbiases, *dact]
+    trained = [t for i, t in enumerate(act_tensors) if activation == "prelu" or i % per_layer in (0, 3, 4)]
+    return [dq, dk, *sum_partials(parts, layout, [*weights, *biases, *trained])]

@@ -1,6 +1,7 @@
-"""Shared by the attention-kernel tests (test_attention_kernel.py, test_attention_dice_train.py): the
-case description, fresh random inputs, the comparison with the float64 reference, and fake inputs for
-the sm_90 builds (tests/sm90_build.py)."""
+"""Shared by the attention-kernel tests (test_attention_kernel.py, test_attention_dice_train.py,
+test_attention_packed_kernel.py): the case description, fresh random inputs, the comparison with the
+float64 reference, fake inputs for the sm_90 builds (tests/sm90_build.py), and a count of the device
+operations a call makes."""
 import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -226,3 +227,43 @@ def fake_bf16_inputs(dim, hidden, batch=4, seq_len=100, dtype=torch.bfloat16):
     weights = [torch.randn(o, i) for i, o in zip(sizes[:-1], sizes[1:])]
     biases = [torch.randn(o) for o in sizes[1:]]
     return query, keys, weights, biases, torch.full((batch,), seq_len)
+
+
+def count_device_ops(call, modules):
+    """(Triton launches, aten ops that run on a device) of call() with the kernels of `modules`
+    stubbed. Allocation and view ops launch nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    kernel_types = (JITFunction, InterpretedFunction)  # compiled or interpreted
+    no_launch = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default",
+                 "slice.Tensor", "as_strided.default", "detach.default", "alias.default", "t.default",
+                 "reshape.default", "expand.default", "unsqueeze.default", "squeeze.dim", "new_empty.default",
+                 "empty_like.default", "lift_fresh.default", "select.int", "split_with_sizes.default"}
+    aten_ops, launches = [], []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = f"{func._opname}.{func._overloadname}"
+            if name not in no_launch:
+                aten_ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    class NoLaunch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    kernels = [(m, name, k) for m in modules for name, k in vars(m).items() if isinstance(k, kernel_types)]
+    try:
+        for m, name, _ in kernels:
+            setattr(m, name, NoLaunch(name))
+        with Record():
+            call()
+    finally:
+        for m, name, kernel in kernels:
+            setattr(m, name, kernel)
+    return launches, aten_ops

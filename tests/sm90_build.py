@@ -62,8 +62,11 @@ def toolchain_missing() -> Optional[str]:
 
 
 def capture_launches(module, call: Callable[[], object]) -> List[Launch]:
-    """Every launch of `module`'s @triton.jit kernels made while `call()` runs; nothing is launched."""
+    """Every launch of the @triton.jit kernels of `module` and of the modules it shares kernels with
+    (kernels/mlp.py's reduction) made while `call()` runs; nothing is launched."""
     from triton.runtime.jit import JITFunction
+
+    from fastdin.kernels import mlp
 
     launches = []
 
@@ -74,14 +77,15 @@ def capture_launches(module, call: Callable[[], object]) -> List[Launch]:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs))
 
-    kernels = {name: value for name, value in vars(module).items() if isinstance(value, JITFunction)}
+    kernels = [(m, name, value) for m in {module, mlp} for name, value in vars(m).items()
+               if isinstance(value, JITFunction)]
     try:
-        for name, kernel in kernels.items():  # helpers too: launchers never call them, so no harm
-            setattr(module, name, Recorder(kernel))
+        for m, name, kernel in kernels:  # helpers too: launchers never call them, so no harm
+            setattr(m, name, Recorder(kernel))
         call()
     finally:
-        for name, kernel in kernels.items():
-            setattr(module, name, kernel)
+        for m, name, kernel in kernels:
+            setattr(m, name, kernel)
     return launches
 
 

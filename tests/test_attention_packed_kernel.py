@@ -10,12 +10,13 @@ from typing import Optional, Sequence
 
 import pytest
 import torch
-from attention_helpers import LOW_DTYPES
+from attention_helpers import LOW_DTYPES, count_device_ops
 from fastdin.testing import error_bound, relative_errors
 from conftest import DEVICES
 
 from fastdin import reference
 from fastdin.kernels import attention_packed as packed
+from fastdin.kernels import mlp
 from fastdin.reference import DiceParams
 
 DEVICE = DEVICES[0]
@@ -259,47 +260,6 @@ def test_invalid_lengths_are_clamped():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def _count_device_ops(call):
-    """(Triton launches, aten ops that run on a device) of call() with the kernels stubbed. Allocation
-    and view ops launch nothing."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    KERNEL_TYPES = (JITFunction, InterpretedFunction)  # compiled or interpreted
-
-    no_launch = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default",
-                 "slice.Tensor", "as_strided.default", "detach.default", "alias.default", "t.default",
-                 "reshape.default", "expand.default", "unsqueeze.default", "squeeze.dim", "new_empty.default",
-                 "empty_like.default", "lift_fresh.default", "select.int", "split_with_sizes.default"}
-    aten_ops, launches = [], []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = f"{func._opname}.{func._overloadname}"
-            if name not in no_launch:
-                aten_ops.append(name)
-            return func(*args, **(kwargs or {}))
-
-    class NoLaunch:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(self.name)
-
-    kernels = {name: k for name, k in vars(packed).items() if isinstance(k, KERNEL_TYPES)}
-    try:
-        for name in kernels:
-            setattr(packed, name, NoLaunch(name))
-        with Record():
-            call()
-    finally:
-        for name, kernel in kernels.items():
-            setattr(packed, name, kernel)
-    return launches, aten_ops
-
-
 @pytest.mark.parametrize("activation", ["sigmoid", "prelu"])
 def test_training_step_makes_three_device_launches(activation, monkeypatch):
     """A training step through the public op (checks, dispatch, autograd.Function, launchers), with
@@ -325,10 +285,10 @@ def test_training_step_makes_three_device_launches(activation, monkeypatch):
 
     previous = backend.set_value_checks(False)  # the default on CUDA is the caller's choice; checks sync
     try:
-        launches, aten_ops = _count_device_ops(step)
+        launches, aten_ops = count_device_ops(step, [packed, mlp])
     finally:
         backend.set_value_checks(previous)
-    assert launches == ["_packed_fwd_kernel", "_packed_bwd_kernel", "_sum_partials_kernel"]
+    assert launches == ["_packed_fwd_kernel", "_packed_bwd_kernel", "sum_partials_kernel"]
     assert aten_ops == [], aten_ops
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +340,7 @@ def sm90_builds():
     return sm90_build.builds_or_skip("test_attention_packed_kernel:sm90_cases")
 
 
-PACKED_KERNELS = {"_packed_fwd_kernel", "_packed_bwd_kernel", "_sum_partials_kernel"}
+PACKED_KERNELS = {"_packed_fwd_kernel", "_packed_bwd_kernel", "sum_partials_kernel"}
 
 
 @pytest.mark.parametrize("case", SM90_CASES, ids=[sm90_case_id(*c) for c in SM90_CASES])

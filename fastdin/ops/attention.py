@@ -163,10 +163,12 @@ def _attention_pool_backward_op(
     softmax: bool, dice_count: Optional[Tensor], dice_count_all: bool,
 ) -> list[Tensor]:
     """[dquery, dkeys, *dweights, *dbiases, *dact]; see `attention_pool_backward` in the kernels."""
-    return _attention_kernels().attention_pool_backward(
+    grads = _attention_kernels().attention_pool_backward(
         grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
         activation, dice_eps, dice_affine, softmax, dice_count, dice_count_all,
     )
+    # the weight gradients are views of one buffer; a custom op's outputs may not alias each other
+    return grads[:2] + [g.clone() for g in grads[2:]]
 
 
 def _trainable_act_tensors(activation: str, act_tensors: Sequence[Tensor], dice_affine: bool) -> list:
