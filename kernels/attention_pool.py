@@ -189,14 +189,22 @@ def _accumulate_stats(count, mean, m2, x, counted):
 
 
 @triton.jit
-def _load_stat_sums(sums_ptr, layer, h_max, n, BLOCK: tl.constexpr, KNOWN: tl.constexpr):
-    """Layer `layer`'s (S, Q) = (sum dL/dx_hat, sum dL/dx_hat * x_hat) from sums [L, 2, h_max]; zeros
-    until they are KNOWN (the backward's sums passes find them from the top layer down)."""
+def _load_stat_sums(sums_ptr, layer, n_parts, h_max, n, act, BLOCK: tl.constexpr, KNOWN: tl.constexpr):
+    """Layer `layer`'s (S, Q) = (sum dL/dx_hat, sum dL/dx_hat * x_hat): its sums pass's per-program
+    partials of (sum dL/dz, sum dL/dz * x_hat) in sums [L, 2, n_parts, h_max], summed over the programs
+    in order (every program the same: deterministic, and no launch in between), times Dice's weight
+    (dL/dx_hat = weight * dL/dz). Zeros until they are KNOWN (the sums passes find them from the top
+    layer down)."""
     S = tl.zeros([BLOCK], tl.float32)
     Q = tl.zeros([BLOCK], tl.float32)
     if KNOWN:
-        S = load_vec(sums_ptr + (layer - 1) * 2 * h_max, n, 1, BLOCK, 0.0)
-        Q = load_vec(sums_ptr + (layer - 1) * 2 * h_max + h_max, n, 1, BLOCK, 0.0)
+        plane = sums_ptr + (layer - 1) * 2 * n_parts * h_max
+        for p in range(0, n_parts):
+            S += load_vec(plane + p * h_max, n, 1, BLOCK, 0.0)
+            Q += load_vec(plane + (n_parts + p) * h_max, n, 1, BLOCK, 0.0)
+        _, _, _, gamma, _ = act
+        S = S * gamma
+        Q = Q * gamma
     return S, Q
 
 
@@ -377,8 +385,8 @@ def _attention_pool_bwd_kernel(
     W, BIAS, ACTP, SLOPE_STRIDE, HID, eps,
     # per-program fp32 partials of every weight gradient: part [P, part_stride] (kernels/mlp.py)
     part_ptr, part_stride,
-    # training-mode Dice: known sums [L, 2, HMAX], the counted positions n, sums partials [2, P, HS]
-    sums_ptr, count_ptr, psum_ptr,
+    # training-mode Dice: the sums passes' partials [L, 2, P, HMAX], the counted positions n
+    sums_ptr, count_ptr,
     B, T, D,
     stride_qb, stride_kb, stride_kt, stride_mb, stride_mt, stride_gb, stride_gd, stride_gsb, stride_gst,
     HMAX, HS,
@@ -394,21 +402,24 @@ def _attention_pool_bwd_kernel(
     S = sum_j dL/dx_hat_j and Q = sum_j dL/dx_hat_j x_hat_j over all positions. Those depend on the
     layers above, so first one pass per layer l from the top down, SUMS_LAYER = l, backpropagates to
     layer l with the known sums of the layers above and stores only per-program partials of
-    (sum dL/dz, sum dL/dz x_hat) for z = (weight *) x_hat (+ bias) to psum [2, P, HS]; then the full
-    pass (SUMS_LAYER = 0) runs with every layer's (S, Q) in sums."""
+    (sum dL/dz, sum dL/dz x_hat) for z = (weight *) x_hat (+ bias) to its plane of sums; then the full
+    pass (SUMS_LAYER = 0) runs with every layer's (S, Q) known."""
     BS, ACTS, wo, bo = _load_mlp_params(W, BIAS, ACTP, SLOPE_STRIDE, HID, eps, BH, NUM_LAYERS, ACT, AFFINE)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    stat_sums1 = _load_stat_sums(sums_ptr, 1, HMAX, HID[0], BH[0], DICE_TRAIN and SUMS_LAYER < 1)
+    stat_sums1 = _load_stat_sums(sums_ptr, 1, num_programs, HMAX, HID[0], ACTS[0], BH[0], DICE_TRAIN and SUMS_LAYER < 1)
     stat_sums2, stat_sums3, stat_sums4 = stat_sums1, stat_sums1, stat_sums1  # placeholders for absent layers
     if NUM_LAYERS >= 2:
-        stat_sums2 = _load_stat_sums(sums_ptr, 2, HMAX, HID[1], BH[1], DICE_TRAIN and SUMS_LAYER < 2)
+        stat_sums2 = _load_stat_sums(sums_ptr, 2, num_programs, HMAX, HID[1], ACTS[1], BH[1],
+                                      DICE_TRAIN and SUMS_LAYER < 2)
     if NUM_LAYERS >= 3:
-        stat_sums3 = _load_stat_sums(sums_ptr, 3, HMAX, HID[2], BH[2], DICE_TRAIN and SUMS_LAYER < 3)
+        stat_sums3 = _load_stat_sums(sums_ptr, 3, num_programs, HMAX, HID[2], ACTS[2], BH[2],
+                                      DICE_TRAIN and SUMS_LAYER < 3)
     if NUM_LAYERS >= 4:
-        stat_sums4 = _load_stat_sums(sums_ptr, 4, HMAX, HID[3], BH[3], DICE_TRAIN and SUMS_LAYER < 4)
+        stat_sums4 = _load_stat_sums(sums_ptr, 4, num_programs, HMAX, HID[3], ACTS[3], BH[3],
+                                      DICE_TRAIN and SUMS_LAYER < 4)
     inv_count = 0.0
     if DICE_TRAIN:
         inv_count = 1.0 / tl.load(count_ptr)
@@ -504,9 +515,9 @@ def _attention_pool_bwd_kernel(
     pid64 = pid.to(tl.int64)
     if SUMS_LAYER > 0:  # a sums pass: only this layer's partials
         _, dg, de = _pick_layer(dact1, grads2[2], grads3[2], grads4[2], SUMS_LAYER)
-        psum_p = psum_ptr + pid64 * HS
-        _store_vec(psum_p, de, HS, BLOCK_HS)
-        _store_vec(psum_p + num_programs * HS, dg, HS, BLOCK_HS)
+        plane = sums_ptr + (SUMS_LAYER - 1) * 2 * num_programs * HMAX
+        _store_vec(plane + pid64 * HMAX, de, HS, BLOCK_HS)
+        _store_vec(plane + (num_programs + pid64) * HMAX, dg, HS, BLOCK_HS)
     else:
         # this program's partials; the accumulators hold W^T ([fan_in, H])
         store_partials(part_ptr + pid64 * part_stride, (U, S1, S2), db1_acc, dact1, grads2, grads3, grads4, dwo_acc,
@@ -712,13 +723,13 @@ def attention_pool_backward(
         lengths, mask_bytes, (stride_mb, stride_mt) = _positions(lengths, mask)
         mlp_args = _mlp_args(weights, biases, act_tensors, activation, dice_affine)
         dice_train = dice_count is not None
-        sums = _new((len(hidden), 2, max(hidden)), torch.float32, device) if dice_train else None
+        sums = _new((len(hidden), 2, programs, max(hidden)), torch.float32, device) if dice_train else None
 
-        def launch(sums_layer, psum, width):
+        def launch(sums_layer, width):
             _attention_pool_bwd_kernel[(programs,)](
                 query, keys, lengths, mask_bytes, grad_out, grad_scores, lse, delta, dq, dk,
                 *mlp_args, sizes, float(dice_eps),
-                parts, layout.width, sums, dice_count, psum,
+                parts, layout.width, sums, dice_count,
                 batch, seq_len, dim,
                 query.stride(0), keys.stride(0), keys.stride(1), stride_mb, stride_mt, *grad_out.stride(),
                 *(grad_scores.stride() if grad_scores is not None else (0, 0)), max(hidden), width,
@@ -728,16 +739,9 @@ def attention_pool_backward(
             )
 
         if dice_train:  # the layers' (S, Q) through the batch statistics, from the top layer down
-            per_layer = 5 if dice_affine else 3
             for layer in reversed(range(len(hidden))):
-                width = hidden[layer]
-                psum = _new((2, programs, width), torch.float32, device)
-                launch(layer + 1, psum, width)
-                layer_sums = psum.sum(1)  # (sum dL/dz, sum dL/dz * x_hat), in a fixed order
-                if dice_affine:  # dL/dx_hat = weight * dL/dz
-                    layer_sums = layer_sums * act_tensors[layer * per_layer + 3].float()
-                sums[layer, :, :width] = layer_sums
-        launch(0, None, 0)
+                launch(layer + 1, hidden[layer])
+        launch(0, 0)
     per_layer = {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
     trained = [t for i, t in enumerate(act_tensors) if activation == "prelu" or i % per_layer in (0, 3, 4)]
     return [dq, dk, *sum_partials(parts, layout, [*weights, *biases, *trained])]

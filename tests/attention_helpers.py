@@ -229,6 +229,34 @@ def fake_bf16_inputs(dim, hidden, batch=4, seq_len=100, dtype=torch.bfloat16):
     return query, keys, weights, biases, torch.full((batch,), seq_len)
 
 
+def training_step_device_ops(activation, modules):
+    """(Triton launches, aten ops that run on a device) of one training step through the public op
+    (checks, dispatch, autograd.Function, launchers) on small inputs with lengths, every gradient
+    taken, with the kernels of `modules` stubbed and the value checks off (they sync)."""
+    from fastdin import functional
+    from fastdin.ops import backend
+
+    B, T, D, hidden = 4, 9, 8, (16, 8)
+    leaves = [torch.randn(B, D, requires_grad=True), torch.randn(B, T, D, requires_grad=True)]
+    sizes = [4 * D, *hidden, 1]
+    weights = [torch.randn(o, i, requires_grad=True) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [torch.randn(o, requires_grad=True) for o in sizes[1:]]
+    slopes = [torch.rand(1, requires_grad=True) for _ in hidden] if activation == "prelu" else None
+    lengths = torch.tensor([9, 3, 0, 5])
+    grad = torch.randn(B, D)
+
+    def step():
+        out = functional.attention_pool(leaves[0], leaves[1], weights, biases, activation=activation,
+                                        act_params=slopes, lengths=lengths, backend="triton")
+        torch.autograd.grad(out, leaves + weights + biases + (slopes or []), grad)
+
+    previous = backend.set_value_checks(False)
+    try:
+        return count_device_ops(step, modules)
+    finally:
+        backend.set_value_checks(previous)
+
+
 def count_device_ops(call, modules):
     """(Triton launches, aten ops that run on a device) of call() with the kernels of `modules`
     stubbed. Allocation and view ops launch nothing."""

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import sm90_build
 import torch
-from attention_helpers import (Case, assert_modules_match, cast_leaves, check_against_reference, count_device_ops,
+from attention_helpers import (Case, assert_modules_match, cast_leaves, check_against_reference,
                                dtype_params, fake_bf16_inputs, float64_copy, keys_from_base, make_inputs,
-                               make_module_pair, outputs_and_grads)
+                               make_module_pair, outputs_and_grads, training_step_device_ops)
 from conftest import DEVICES
 
 # tests without a device parameter build their tensors on the kernels' device
@@ -178,29 +178,11 @@ def test_training_step_makes_three_device_launches(activation, monkeypatch):
     """A training step on the per-user kernels through the public op: the forward kernel, the backward
     kernel and the one reduction of every weight gradient's partials, and no torch kernels."""
     from fastdin.kernels import mlp
-    from fastdin.ops import attention_packed, backend
+    from fastdin.ops import attention_packed
 
     monkeypatch.setattr(attention_packed, "packed_gap", lambda *args: "the test forces the per-user kernels")
     monkeypatch.setattr(attention_kernels, "POISON_OUTPUTS", False)  # the poison is the tests' own fill
-    B, T, D, hidden = 4, 9, 8, (16, 8)
-    leaves = [torch.randn(B, D, requires_grad=True), torch.randn(B, T, D, requires_grad=True)]
-    sizes = [4 * D, *hidden, 1]
-    weights = [torch.randn(o, i, requires_grad=True) for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [torch.randn(o, requires_grad=True) for o in sizes[1:]]
-    slopes = [torch.rand(1, requires_grad=True) for _ in hidden] if activation == "prelu" else None
-    lengths = torch.tensor([9, 3, 0, 5])
-    grad = torch.randn(B, D)
-
-    def step():
-        out = functional.attention_pool(leaves[0], leaves[1], weights, biases, activation=activation,
-                                        act_params=slopes, lengths=lengths, backend="triton")
-        torch.autograd.grad(out, leaves + weights + biases + (slopes or []), grad)
-
-    previous = backend.set_value_checks(False)  # checks sync; on CUDA they are the caller's choice
-    try:
-        launches, aten_ops = count_device_ops(step, [attention_kernels, mlp])
-    finally:
-        backend.set_value_checks(previous)
+    launches, aten_ops = training_step_device_ops(activation, [attention_kernels, mlp])
     assert launches == ["_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel", "sum_partials_kernel"]
     assert aten_ops == [], aten_ops
 

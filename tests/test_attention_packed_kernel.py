@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import pytest
 import torch
-from attention_helpers import LOW_DTYPES, count_device_ops
+from attention_helpers import LOW_DTYPES, training_step_device_ops
 from fastdin.testing import error_bound, relative_errors
 from conftest import DEVICES
 
@@ -264,30 +264,8 @@ def test_invalid_lengths_are_clamped():
 def test_training_step_makes_three_device_launches(activation, monkeypatch):
     """A training step through the public op (checks, dispatch, autograd.Function, launchers), with
     lengths: the forward kernel, the backward kernel and the one reduction, and no torch kernels."""
-    from fastdin import functional
-
-    B, T, D, hidden = 4, 9, 8, (16, 8)
-    leaves = [torch.randn(B, D, requires_grad=True), torch.randn(B, T, D, requires_grad=True)]
-    sizes = [4 * D, *hidden, 1]
-    weights = [torch.randn(o, i, requires_grad=True) for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [torch.randn(o, requires_grad=True) for o in sizes[1:]]
-    slopes = [torch.rand(1, requires_grad=True) for _ in hidden] if activation == "prelu" else None
-    lengths = torch.tensor([9, 3, 0, 5])
-    grad = torch.randn(B, D)
-
-    def step():
-        out = functional.attention_pool(leaves[0], leaves[1], weights, biases, activation=activation,
-                                        act_params=slopes, lengths=lengths, backend="triton")
-        torch.autograd.grad(out, leaves + weights + biases + (slopes or []), grad)
-
     monkeypatch.setattr(packed, "POISON_OUTPUTS", False)  # the poison is the tests' own fill
-    from fastdin.ops import backend
-
-    previous = backend.set_value_checks(False)  # the default on CUDA is the caller's choice; checks sync
-    try:
-        launches, aten_ops = count_device_ops(step, [packed, mlp])
-    finally:
-        backend.set_value_checks(previous)
+    launches, aten_ops = training_step_device_ops(activation, [packed, mlp])
     assert launches == ["_packed_fwd_kernel", "_packed_bwd_kernel", "sum_partials_kernel"]
     assert aten_ops == [], aten_ops
 
