@@ -90,6 +90,21 @@ def test_matches_reference(case, dtype, device):
     check_case(case, dtype, device)
 
 
+@pytest.mark.parametrize("path", ["packed", "per-user", "torch"])
+@pytest.mark.parametrize("normalization", [None, "softmax"])
+def test_histories_of_ten_thousand_positions(path, normalization, monkeypatch):
+    """T = 10,000 (random lengths up to T, one user empty) on every fast path: the Triton kernels
+    (packed rows, and per-user ones forced) and backend="torch", forward and every gradient."""
+    from fastdin.ops import attention_packed
+
+    if path == "per-user":
+        monkeypatch.setattr(attention_packed, "packed_gap", lambda *args: "the test forces the per-user kernels")
+    case = Case(4, (8, 4), "prelu", seq_len=10_000, batch=3, normalization=normalization)
+    leaves, positions = make_inputs(case, DEVICES[0])
+    check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions,
+                            backend="torch" if path == "torch" else "triton")
+
+
 def test_several_tiles_and_programs_forced():
     """Force 16-row tiles and one program for all users: the online softmax and the grid-stride loop."""
     case = Case(7, (13, 5), "sigmoid", seq_len=37, batch=3, normalization="softmax")
