@@ -19,6 +19,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit function is defined
 
@@ -71,20 +72,22 @@ def interleaved_medians(calls, repeats):
 
 
 @contextlib.contextmanager
-def kernels_stubbed(module):
-    """The module's @triton.jit kernels replaced by no-ops: `kernel[grid](...)` returns at once."""
+def kernels_stubbed():
+    """Every @triton.jit kernel of the imported fastdin.kernels modules replaced by a no-op:
+    `kernel[grid](...)` returns at once."""
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    kernels = {name: value for name, value in vars(module).items() if isinstance(value, KERNEL_TYPES)}
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("fastdin.kernels.")]
+    kernels = [(m, name, value) for m in modules for name, value in vars(m).items() if isinstance(value, KERNEL_TYPES)]
     try:
-        for name in kernels:
-            setattr(module, name, NoLaunch())
+        for m, name, _ in kernels:
+            setattr(m, name, NoLaunch())
         yield
     finally:
-        for name, kernel in kernels.items():
-            setattr(module, name, kernel)
+        for m, name, kernel in kernels:
+            setattr(m, name, kernel)
 
 
 def op_step(query, keys, weights, biases, lengths, backward):
@@ -172,7 +175,7 @@ def host_rows(base, args):
                 call()
         return run
 
-    with kernels_stubbed(packed):
+    with kernels_stubbed():
         for call in calls.values():
             call()
         medians = interleaved_medians({name: per_call(call) for name, call in calls.items()}, args.host_repeats)
