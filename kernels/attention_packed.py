@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, GradLayout, act_bwd, act_fwd, block, dot, grad_layout,
-                                 layer_tuples, load_act, load_vec, store_partials, sum_partials)
+from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, GradLayout, act_bwd, act_fwd, block, dot,
+                                 grad_layout, layer_tuples, load_act, load_vec, store_partials, sum_partials)
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
@@ -613,9 +613,6 @@ def packed_rows(lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     return PackedRows(lengths, None, False)
 
 
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 @functools.lru_cache(maxsize=None)
 def _num_programs(device: torch.device, rows_bound: int, block_m: int, per_sm: int) -> int:
     if device.type != "cuda":
@@ -638,7 +635,7 @@ def _plan(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: 
           slope_sizes: tuple) -> _Plan:
     padded = tuple(block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
     meta = dict(BLOCK_D=block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
-                DT=_TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
+                DT=TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
     return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)),
                  grad_layout(dim, hidden, activation, affine, slope_sizes))
 
@@ -739,6 +736,4 @@ def packed_attention_backward(
             BLOCK_M=block, BLOCK_B=BLOCK_B, JAGGED=rows.jagged, POS_MAP=rows.positions is not None,
             SOFTMAX=softmax, HAS_GRAD_SCORES=has_gs, num_warps=NUM_WARPS_BWD, num_stages=NUM_STAGES, **plan.meta,
         )
-    params = list(weights) + list(biases)
-    params += [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
-    return [dq, dk, *sum_partials(parts, plan.grads, params)]
+    return [dq, dk, *sum_partials(parts, plan.grads, weights, biases, act_tensors, activation)]

@@ -32,8 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import _merge_stat_partials, chan_merge, update_running_stats
-from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, act_bwd, act_fwd, block, dot, grad_layout, layer_tuples,
-                                 load_act, load_vec, store_partials, sum_partials)
+from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, act_bwd, act_fwd, block, dot, grad_layout,
+                                 layer_tuples, load_act, load_vec, store_partials, store_vector, sum_partials)
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
@@ -71,12 +71,6 @@ def _load_weight(w_ptr, n_in, n_out, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.const
     ptrs = w_ptr + offs_o[:, None] * n_in + offs_i[None, :]
     mask = (offs_o[:, None] < n_out) & (offs_i[None, :] < n_in)
     return tl.load(ptrs, mask=mask, other=0.0).to(DT)
-
-
-@triton.jit
-def _store_vec(ptr, vec, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(ptr + offs, vec, mask=offs < n)
 
 
 @triton.jit
@@ -394,7 +388,7 @@ def _attention_pool_bwd_kernel(
     NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTMAX: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
     DT: tl.constexpr, PRECISION: tl.constexpr,
-    DICE_TRAIN: tl.constexpr, COUNT_ALL: tl.constexpr, SUMS_LAYER: tl.constexpr, BLOCK_HS: tl.constexpr,
+    DICE_TRAIN: tl.constexpr, COUNT_ALL: tl.constexpr, SUMS_LAYER: tl.constexpr,
 ):
     """The backward pass. With DICE_TRAIN the Dice layers were normalised with batch statistics
     (passed as their mean/var; counted over all t < T with COUNT_ALL, else the valid positions), and
@@ -516,8 +510,8 @@ def _attention_pool_bwd_kernel(
     if SUMS_LAYER > 0:  # a sums pass: only this layer's partials
         _, dg, de = _pick_layer(dact1, grads2[2], grads3[2], grads4[2], SUMS_LAYER)
         plane = sums_ptr + (SUMS_LAYER - 1) * 2 * num_programs * HMAX
-        _store_vec(plane + pid64 * HMAX, de, HS, BLOCK_HS)
-        _store_vec(plane + (num_programs + pid64) * HMAX, dg, HS, BLOCK_HS)
+        store_vector(plane + pid64 * HMAX, de, HS)
+        store_vector(plane + (num_programs + pid64) * HMAX, dg, HS)
     else:
         # this program's partials; the accumulators hold W^T ([fan_in, H])
         store_partials(part_ptr + pid64 * part_stride, (U, S1, S2), db1_acc, dact1, grads2, grads3, grads4, dwo_acc,
@@ -550,9 +544,6 @@ def shared_memory_estimate(dim: int, hidden: Tuple[int, ...], dtype: torch.dtype
     return int(estimate)
 
 
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 def _num_programs(batch: int, device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return max(1, min(batch, 2))  # the interpreter pays ~1 ms per program instance
@@ -568,12 +559,16 @@ def _pick_block_t(seq_len: int, widths: Sequence[int], budget: int) -> int:
     return min(cap, block(seq_len))
 
 
+def _per_layer(act_tensors, activation, dice_affine, layers):
+    """The flat act_tensors as one list per hidden layer (kernels/mlp.py's convention)."""
+    per_layer = {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
+    return [act_tensors[i * per_layer:(i + 1) * per_layer] for i in range(layers)] if per_layer else []
+
+
 def _mlp_args(weights, biases, act_tensors, activation, dice_affine):
     """The kernels' (W, BIAS, ACTP, SLOPE_STRIDE) tuples (kernels/mlp.py) from flat act_tensors."""
-    per_layer = {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
-    layers = len(weights) - 1
-    grouped = [act_tensors[i * per_layer:(i + 1) * per_layer] for i in range(layers)] if per_layer else []
-    return layer_tuples(weights, biases, grouped, activation)
+    return layer_tuples(weights, biases, _per_layer(act_tensors, activation, dice_affine, len(weights) - 1),
+                        activation)
 
 
 def _common_meta(keys, weights, activation, affine, block_t, tile_budget):
@@ -585,7 +580,7 @@ def _common_meta(keys, weights, activation, affine, block_t, tile_budget):
     meta = dict(
         BLOCK_T=block_t or _pick_block_t(seq_len, hidden + [dim], tile_budget), BLOCK_D=block(dim),
         BH=tuple(block(h) for h in sizes), NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
-        DT=_TRITON_DTYPES[keys.dtype], PRECISION="tf32" if allow_tf32 else "ieee",
+        DT=TRITON_DTYPES[keys.dtype], PRECISION="tf32" if allow_tf32 else "ieee",
     )
     return sizes, meta
 
@@ -735,13 +730,12 @@ def attention_pool_backward(
                 *(grad_scores.stride() if grad_scores is not None else (0, 0)), max(hidden), width,
                 HAS_LENGTHS=lengths is not None, HAS_MASK=mask is not None, SOFTMAX=softmax,
                 HAS_GRAD_SCORES=grad_scores is not None, DICE_TRAIN=dice_train, COUNT_ALL=dice_count_all,
-                SUMS_LAYER=sums_layer, BLOCK_HS=block(width), num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
+                SUMS_LAYER=sums_layer, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **meta,
             )
 
         if dice_train:  # the layers' (S, Q) through the batch statistics, from the top layer down
             for layer in reversed(range(len(hidden))):
                 launch(layer + 1, hidden[layer])
         launch(0, 0)
-    per_layer = {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
-    trained = [t for i, t in enumerate(act_tensors) if activation == "prelu" or i % per_layer in (0, 3, 4)]
-    return [dq, dk, *sum_partials(parts, layout, [*weights, *biases, *trained])]
+    acts = _per_layer(act_tensors, activation, dice_affine, len(hidden))
+    return [dq, dk, *sum_partials(parts, layout, weights, biases, acts, activation)]

@@ -22,6 +22,7 @@ from fastdin.kernels.dice import dice_gate, dice_grads
 
 ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 MAX_HIDDEN_LAYERS = 4
+TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def block(n: int) -> int:
@@ -147,8 +148,10 @@ def grad_layout(dim: int, hidden: tuple, activation: str, affine: bool, slope_si
         offset += width
         if activation == "prelu":
             sizes = [slope_sizes[layer]]
+        elif activation == "dice":
+            sizes = [width] * (3 if affine else 1)  # alpha (, weight, bias)
         else:
-            sizes = [width] * (3 if affine else 1) if activation == "dice" else []
+            sizes = []
         for size in sizes:
             acts.append(((size,), (1,), offset))
             offset += size
@@ -159,10 +162,14 @@ def grad_layout(dim: int, hidden: tuple, activation: str, affine: bool, slope_si
     return GradLayout(tuple(weights + biases + acts), offset + 1)
 
 
-def sum_partials(parts: Tensor, layout: GradLayout, params: Sequence[Tensor]) -> List[Tensor]:
-    """The gradients of `params` ([*weights, *biases, *trainable act parameters]) from the programs'
-    partials [P, width]: one launch, then views of its fp32 output (cast where a parameter's dtype
-    differs)."""
+def sum_partials(parts: Tensor, layout: GradLayout, weights: Sequence[Tensor], biases: Sequence[Tensor],
+                 act_tensors: Sequence[Sequence[Tensor]], activation: str) -> List[Tensor]:
+    """[*dweights, *dbiases, *dact] from the programs' partials [P, width]: one launch, then views of
+    its fp32 output (cast where a parameter's dtype differs). act_tensors as for `layer_tuples`; dact
+    holds per layer the slope's gradient (prelu) or Dice's alpha (and weight, bias), never its
+    running statistics'."""
+    trained = [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
+    params = [*weights, *biases, *trained]
     flat = torch.empty(layout.width, dtype=torch.float32, device=parts.device)
     sum_partials_kernel[(triton.cdiv(layout.width, REDUCE_BLOCK),)](parts, flat, parts.shape[0], layout.width,
                                                                     BLOCK=REDUCE_BLOCK)
@@ -206,7 +213,7 @@ def _store_matrix(ptr, tile, n_rows, n_cols, row_stride, col0, TRANSPOSED: tl.co
 
 
 @triton.jit
-def _store_vector(ptr, vec, n):
+def store_vector(ptr, vec, n):
     offs = tl.arange(0, vec.shape[0])
     tl.store(ptr + offs, vec, mask=offs < n)
 
@@ -219,14 +226,14 @@ def _store_act_grads(ptr, dact, n, slope_stride, ACT: tl.constexpr, AFFINE: tl.c
         if slope_stride == 0:
             tl.store(ptr, tl.sum(da, axis=0))
         else:
-            _store_vector(ptr, da, n)
+            store_vector(ptr, da, n)
         ptr += tl.where(slope_stride == 0, 1, n)
     if ACT == 3:
-        _store_vector(ptr, da, n)
+        store_vector(ptr, da, n)
         ptr += n
         if AFFINE:
-            _store_vector(ptr, dgamma, n)
-            _store_vector(ptr + n, dbeta, n)
+            store_vector(ptr, dgamma, n)
+            store_vector(ptr + n, dbeta, n)
             ptr += 2 * n
     return ptr
 
@@ -238,7 +245,7 @@ def _store_layer_grads(ptr, grads, n_out, n_in, slope_stride, LAYER: tl.constexp
         dw, db, dact = grads
         _store_matrix(ptr, dw, n_out, n_in, n_in, 0, TRANSPOSED)
         ptr += n_out * n_in
-        _store_vector(ptr, db, n_out)
+        store_vector(ptr, db, n_out)
         ptr += n_out
         ptr = _store_act_grads(ptr, dact, n_out, slope_stride, ACT, AFFINE)
     return ptr
@@ -259,11 +266,11 @@ def store_partials(ptr, first, db1, dact1, grads2, grads3, grads4, dwo, dbo, D, 
     _store_matrix(ptr, U - S_k, H1, D, 4 * D, 2 * D, TRANSPOSED)
     _store_matrix(ptr, S_p, H1, D, 4 * D, 3 * D, TRANSPOSED)
     ptr += H1 * 4 * D
-    _store_vector(ptr, db1, H1)
+    store_vector(ptr, db1, H1)
     ptr += H1
     ptr = _store_act_grads(ptr, dact1, H1, SLOPE_STRIDE[0], ACT, AFFINE)
     ptr = _store_layer_grads(ptr, grads2, HID[1], H1, SLOPE_STRIDE[1], 2, NUM_LAYERS, ACT, AFFINE, TRANSPOSED)
     ptr = _store_layer_grads(ptr, grads3, HID[2], HID[1], SLOPE_STRIDE[2], 3, NUM_LAYERS, ACT, AFFINE, TRANSPOSED)
     ptr = _store_layer_grads(ptr, grads4, HID[3], HID[2], SLOPE_STRIDE[3], 4, NUM_LAYERS, ACT, AFFINE, TRANSPOSED)
-    _store_vector(ptr, dwo, HID[NUM_LAYERS - 1])
+    store_vector(ptr, dwo, HID[NUM_LAYERS - 1])
     tl.store(ptr + HID[NUM_LAYERS - 1], dbo)
