@@ -13,25 +13,20 @@ One thread, interleaved repeats, medians; appends to bench/results/packed_interp
 Run: python bench/bench_packed_interp.py [--repeats N]
 """
 import argparse
-import contextlib
 import csv
 import datetime
 import os
 import platform
 import statistics
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit function is defined
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastdin.bench.measure import interleaved_times  # noqa: E402
+from fastdin.bench.measure import interleaved_times, kernels_replaced  # noqa: E402
 from fastdin.kernels import attention_packed as packed  # noqa: E402
 
-KERNEL_TYPES = (JITFunction, InterpretedFunction)  # @triton.jit functions, compiled or interpreted
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "packed_interp_cpu.csv")
 
 
@@ -71,23 +66,11 @@ def interleaved_medians(calls, repeats):
     return {name: statistics.median(t) for name, t in wall.items()}
 
 
-@contextlib.contextmanager
-def kernels_stubbed():
-    """Every @triton.jit kernel of the imported fastdin.kernels modules replaced by a no-op:
-    `kernel[grid](...)` returns at once."""
-    class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
+class _NoLaunch:
+    """A stubbed kernel: `kernel[grid](...)` returns at once."""
 
-    modules = [m for name, m in list(sys.modules.items()) if name.startswith("fastdin.kernels.")]
-    kernels = [(m, name, value) for m in modules for name, value in vars(m).items() if isinstance(value, KERNEL_TYPES)]
-    try:
-        for m, name, _ in kernels:
-            setattr(m, name, NoLaunch())
-        yield
-    finally:
-        for m, name, kernel in kernels:
-            setattr(m, name, kernel)
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 def op_step(query, keys, weights, biases, lengths, backward):
@@ -175,7 +158,7 @@ def host_rows(base, args):
                 call()
         return run
 
-    with kernels_stubbed():
+    with kernels_replaced(lambda name, kernel: _NoLaunch()):
         for call in calls.values():
             call()
         medians = interleaved_medians({name: per_call(call) for name, call in calls.items()}, args.host_repeats)

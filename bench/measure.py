@@ -5,7 +5,9 @@ inputs that fit in the cache do not flatter a case). CPU: `torch.utils.benchmark
 after explicit warm-up calls. Peak memory is only measured on CUDA, where the caching allocator
 reports it; on the CPU it is left empty rather than guessed.
 """
+import contextlib
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -129,3 +131,23 @@ def measure_ceilings(device: torch.device, dtypes, quick: bool, budget: Budget) 
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return ceilings
+
+
+@contextlib.contextmanager
+def kernels_replaced(stub: Callable[[str, object], object]):
+    """Every @triton.jit function of the imported fastdin.kernels modules, compiled or interpreted,
+    replaced by stub(name, function) while the block runs: a launch `kernel[grid](...)` then reaches
+    the stub (helpers are replaced too; launchers never index them)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("fastdin.kernels.")]
+    kernels = [(m, name, k) for m in modules for name, k in vars(m).items()
+               if isinstance(k, (JITFunction, InterpretedFunction))]
+    try:
+        for m, name, kernel in kernels:
+            setattr(m, name, stub(name, kernel))
+        yield
+    finally:
+        for m, name, kernel in kernels:
+            setattr(m, name, kernel)

@@ -229,10 +229,10 @@ def fake_bf16_inputs(dim, hidden, batch=4, seq_len=100, dtype=torch.bfloat16):
     return query, keys, weights, biases, torch.full((batch,), seq_len)
 
 
-def training_step_device_ops(activation, modules):
+def training_step_device_ops(activation):
     """(Triton launches, aten ops that run on a device) of one training step through the public op
     (checks, dispatch, autograd.Function, launchers) on small inputs with lengths, every gradient
-    taken, with the kernels of `modules` stubbed and the value checks off (they sync)."""
+    taken, with every kernel stubbed and the value checks off (they sync)."""
     from fastdin import functional
     from fastdin.ops import backend
 
@@ -252,19 +252,18 @@ def training_step_device_ops(activation, modules):
 
     previous = backend.set_value_checks(False)
     try:
-        return count_device_ops(step, modules)
+        return count_device_ops(step)
     finally:
         backend.set_value_checks(previous)
 
 
-def count_device_ops(call, modules):
-    """(Triton launches, aten ops that run on a device) of call() with the kernels of `modules`
-    stubbed. Allocation and view ops launch nothing."""
+def count_device_ops(call):
+    """(Triton launches, aten ops that run on a device) of call() with every kernel stubbed.
+    Allocation and view ops launch nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
-    kernel_types = (JITFunction, InterpretedFunction)  # compiled or interpreted
+    from fastdin.bench.measure import kernels_replaced
+
     no_launch = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default",
                  "slice.Tensor", "as_strided.default", "detach.default", "alias.default", "t.default",
                  "reshape.default", "expand.default", "unsqueeze.default", "squeeze.dim", "new_empty.default",
@@ -285,13 +284,6 @@ def count_device_ops(call, modules):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(self.name)
 
-    kernels = [(m, name, k) for m in modules for name, k in vars(m).items() if isinstance(k, kernel_types)]
-    try:
-        for m, name, _ in kernels:
-            setattr(m, name, NoLaunch(name))
-        with Record():
-            call()
-    finally:
-        for m, name, kernel in kernels:
-            setattr(m, name, kernel)
+    with kernels_replaced(lambda name, kernel: NoLaunch(name)), Record():
+        call()
     return launches, aten_ops

@@ -12,7 +12,7 @@ off, and the tests call it in a subprocess (`run_in_subprocess`):
 
     python tests/sm90_build.py MODULE:FUNCTION
 
-FUNCTION returns {case id: (kernels module, call that launches its kernels)}. The script prints a
+FUNCTION returns {case id: call that launches kernels}. The script prints a
 table to stderr and one JSON line to stdout: {"cases": {case: {kernel: build or {"error": ...}}},
 "seconds": {case: compile seconds}}, or {"unavailable": reason} where this triton cannot build for sm_90.
 """
@@ -61,12 +61,9 @@ def toolchain_missing() -> Optional[str]:
     return None
 
 
-def capture_launches(module, call: Callable[[], object]) -> List[Launch]:
-    """Every launch of the @triton.jit kernels of `module` and of the modules it shares kernels with
-    (kernels/mlp.py's reduction) made while `call()` runs; nothing is launched."""
-    from triton.runtime.jit import JITFunction
-
-    from fastdin.kernels import mlp
+def capture_launches(call: Callable[[], object]) -> List[Launch]:
+    """Every kernel launch made while `call()` runs; nothing is launched."""
+    from fastdin.bench.measure import kernels_replaced
 
     launches = []
 
@@ -77,15 +74,8 @@ def capture_launches(module, call: Callable[[], object]) -> List[Launch]:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs))
 
-    kernels = [(m, name, value) for m in {module, mlp} for name, value in vars(m).items()
-               if isinstance(value, JITFunction)]
-    try:
-        for m, name, kernel in kernels:  # helpers too: launchers never call them, so no harm
-            setattr(m, name, Recorder(kernel))
+    with kernels_replaced(lambda name, kernel: Recorder(kernel)):
         call()
-    finally:
-        for m, name, kernel in kernels:
-            setattr(m, name, kernel)
     return launches
 
 
@@ -138,13 +128,13 @@ def compile_launch(launch: Launch) -> Build:
     return _BUILT[key]
 
 
-def build_launches(module, call: Callable[[], object]) -> Dict[str, object]:
+def build_launches(call: Callable[[], object]) -> Dict[str, object]:
     """{kernel name: Build, or the error text when it fails to compile} for every launch `call()` makes.
 
     A kernel launched again with another specialisation gets `name#2`, `name#3`, ...
     """
     results = {}
-    for launch in capture_launches(module, call):
+    for launch in capture_launches(call):
         name = launch.kernel.__name__
         key, n = name, 1
         while key in results:
@@ -177,11 +167,11 @@ def main(argv: List[str]) -> None:
         return
     cases = getattr(importlib.import_module(module_name), function_name)()
     results, seconds = {}, {}
-    for case, (module, call) in cases.items():
+    for case, call in cases.items():
         start = time.perf_counter()
         # the compiler prints failures to stdout too: keep stdout for the one JSON line
         with contextlib.redirect_stdout(sys.stderr):
-            builds = build_launches(module, call)
+            builds = build_launches(call)
         seconds[case] = round(time.perf_counter() - start, 2)
         results[case] = {k: b._asdict() if isinstance(b, Build) else {"error": b} for k, b in builds.items()}
         for kernel, b in builds.items():

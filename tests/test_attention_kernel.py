@@ -192,12 +192,11 @@ def test_empty_batch():
 def test_training_step_makes_three_device_launches(activation, monkeypatch):
     """A training step on the per-user kernels through the public op: the forward kernel, the backward
     kernel and the one reduction of every weight gradient's partials, and no torch kernels."""
-    from fastdin.kernels import mlp
     from fastdin.ops import attention_packed
 
     monkeypatch.setattr(attention_packed, "packed_gap", lambda *args: "the test forces the per-user kernels")
     monkeypatch.setattr(attention_kernels, "POISON_OUTPUTS", False)  # the poison is the tests' own fill
-    launches, aten_ops = training_step_device_ops(activation, [attention_kernels, mlp])
+    launches, aten_ops = training_step_device_ops(activation)
     assert launches == ["_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel", "sum_partials_kernel"]
     assert aten_ops == [], aten_ops
 
@@ -246,8 +245,8 @@ def _sm90_call(dim, hidden, activation):
 
 
 def sm90_cases():
-    """{case id: (kernels module, call)} for sm90_build.py."""
-    return {sm90_case_id(*shape): (attention_kernels, _sm90_call(*shape)) for shape in SM90_SHAPES}
+    """{case id: call} for sm90_build.py."""
+    return {sm90_case_id(*shape): _sm90_call(*shape) for shape in SM90_SHAPES}
 
 
 @pytest.fixture(scope="module")

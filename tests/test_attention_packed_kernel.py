@@ -16,7 +16,6 @@ from conftest import DEVICES
 
 from fastdin import reference
 from fastdin.kernels import attention_packed as packed
-from fastdin.kernels import mlp
 from fastdin.reference import DiceParams
 
 DEVICE = DEVICES[0]
@@ -265,7 +264,7 @@ def test_training_step_makes_three_device_launches(activation, monkeypatch):
     """A training step through the public op (checks, dispatch, autograd.Function, launchers), with
     lengths: the forward kernel, the backward kernel and the one reduction, and no torch kernels."""
     monkeypatch.setattr(packed, "POISON_OUTPUTS", False)  # the poison is the tests' own fill
-    launches, aten_ops = training_step_device_ops(activation, [packed, mlp])
+    launches, aten_ops = training_step_device_ops(activation)
     assert launches == ["_packed_fwd_kernel", "_packed_bwd_kernel", "sum_partials_kernel"]
     assert aten_ops == [], aten_ops
 
@@ -306,8 +305,8 @@ def _sm90_call(shape, dtype, softmax):
 
 
 def sm90_cases():
-    """{case id: (kernels module, call)} for sm90_build.py."""
-    return {sm90_case_id(*case): (packed, _sm90_call(*case)) for case in SM90_CASES}
+    """{case id: call} for sm90_build.py."""
+    return {sm90_case_id(*case): _sm90_call(*case) for case in SM90_CASES}
 
 
 
