@@ -8,8 +8,9 @@ see `packed_rows`), or jagged keys [N, D] with offsets [B+1] (TorchRec/FBGEMM va
 
 The first layer has constant weights (docs/design.md, "Packed rows"): with W1 split into its four
 D-row blocks, x_t W1 + b1 = k Ak + (q*k) Ap + q Aq + b1 where Ak = Wk - Wd, Ap = Wp, Aq = Wq + Wd.
-The three products are one [BLOCK_M, 3D] x [3D, H1] MMA, cut along K into three chained tl.dots that
-accumulate in one fp32 accumulator. The q Aq part is the per-user c_b = q_b (Wq + Wd), taken per row:
+The three products are one [H1, 3D] x [3D, BLOCK_M] MMA (feature-major: the hidden tiles are
+[H, rows], see `_mlp_fwd`), cut along K into three chained tl.dots that accumulate in one fp32
+accumulator. The q Aq part is the per-user c_b = q_b (Wq + Wd), taken per row:
 that costs one more MMA per tile but no separate launch and no [B, H1] buffer, and in the backward
 U = sum q_b^T dc_b = sum_r q_r^T G1[r] and dq come out of the same per-row products. Every matrix
 is the same for every row, so a program loads them once, in the compute dtype.
@@ -41,10 +42,11 @@ from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, Gr
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
-# Untuned (no GPU measured yet): 64-row tiles (the M of one wgmma), one warpgroup for the forward.
+# Untuned (no GPU measured yet): 64-row tiles; two warpgroups, which split the feature-major hidden
+# tiles between them (`_mlp_fwd`; sm_90 builds at the paper shape: with 4 warps the softmax forward spills 60 B).
 BLOCK_M = 64
 BLOCK_B = 1024  # lengths scanned per step
-NUM_WARPS_FWD = 4
+NUM_WARPS_FWD = 8
 NUM_WARPS_BWD = 8
 NUM_STAGES = 1
 NEG = tl.constexpr(-1.0e30)  # a score below every real one (masked rows)
@@ -202,22 +204,6 @@ def _load_first_layer(w1, D, H1, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, 
 
 
 @triton.jit
-def _act_bwd_saved(kept, dh, act, ACT: tl.constexpr):
-    """`act_bwd` from what the forward kept (`_saved`)."""
-    if ACT == 0:
-        h = kept.to(tl.float32)
-        dx = dh * h * (1.0 - h)
-        da = tl.sum(tl.zeros_like(dh), axis=0)
-        result = dx, (da, da, da)
-    elif ACT == 1:
-        da = tl.sum(tl.zeros_like(dh), axis=0)
-        result = tl.where(kept > 0, dh, 0.0), (da, da, da)
-    else:
-        result = act_bwd(kept.to(tl.float32), dh, act, ACT)
-    return result
-
-
-@triton.jit
 def _load_mlp(W, BIAS, ACTP, SLOPE_STRIDE, HID, D, eps, BLOCK_D: tl.constexpr, BH: tl.constexpr,
               NUM_LAYERS: tl.constexpr, ACT: tl.constexpr, AFFINE: tl.constexpr, DT: tl.constexpr):
     """Everything a program loads once: the first layer's (Ak, Ap, Aq), the deeper layers' weights
@@ -247,6 +233,12 @@ def _load_mlp(W, BIAS, ACTP, SLOPE_STRIDE, HID, D, eps, BLOCK_D: tl.constexpr, B
 
 
 @triton.jit
+def _act_fm(x, act, ACT: tl.constexpr):
+    """`act_fwd` of a feature-major [features, rows] tile, through transposed views (no data moves)."""
+    return tl.trans(act_fwd(tl.trans(x), act, ACT))
+
+
+@triton.jit
 def _saved(x, h, DT: tl.constexpr, ACT: tl.constexpr):
     """What the backward keeps of a layer, in the compute dtype (as autograd saves it in the inputs'
     dtype): the activation for sigmoid and ReLU, the pre-activation for PReLU and Dice."""
@@ -262,20 +254,20 @@ def _activation_of_saved(kept, act, ACT: tl.constexpr):
     if ACT <= 1:
         h = kept.to(tl.float32)
     else:
-        h = act_fwd(kept.to(tl.float32), act, ACT)
+        h = _act_fm(kept.to(tl.float32), act, ACT)
     return h
 
 
 @triton.jit
 def _deep_fwd(kept_below, h_below, w, bias, act, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
               ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """Hidden layer LAYER >= 2: (what the backward keeps, activation); an absent layer passes the one
-    below on."""
+    """Hidden layer LAYER >= 2 on [H, rows] tiles: (what the backward keeps, activation); an absent
+    layer passes the one below on."""
     kept, h = kept_below, h_below
     if NUM_LAYERS >= LAYER:
-        acc = tl.zeros([h_below.shape[0], w.shape[0]], tl.float32)
-        x = dot(h_below, tl.trans(w), acc, DT, PRECISION) + bias[None, :]
-        h = act_fwd(x, act, ACT)
+        acc = tl.zeros([w.shape[0], h_below.shape[1]], tl.float32)
+        x = dot(w, h_below, acc, DT, PRECISION) + bias[:, None]
+        h = _act_fm(x, act, ACT)
         kept = _saved(x, h, DT, ACT)
     return kept, h
 
@@ -283,20 +275,25 @@ def _deep_fwd(kept_below, h_below, w, bias, act, LAYER: tl.constexpr, NUM_LAYERS
 @triton.jit
 def _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr,
              DT: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of a tile of rows, what the backward keeps of every hidden layer (`_saved`; layers past
-    NUM_LAYERS repeat the last one), and the last hidden activation."""
+    """Scores [rows] of a tile of rows (k, qk, q: [rows, D]), what the backward keeps of every hidden
+    layer (`_saved`; layers past NUM_LAYERS repeat the last one), and the last hidden activation.
+
+    Feature-major: every hidden tile is [H, rows], x^T = W h_below^T, so the MMA's M is the hidden
+    width and its N the rows. Triton puts all warps along M for chained products, and a 64-row tile
+    row-major would be held whole by each warpgroup; feature-major, H1 = 128 is split between the
+    two warpgroups of 8 warps (docs/design.md, "What the sm_90 builds say")."""
     Ak, Ap, Aq = A
-    acc = tl.zeros([k.shape[0], Ak.shape[0]], tl.float32)
-    acc = dot(k, tl.trans(Ak), acc, DT, PRECISION)
-    acc = dot(qk, tl.trans(Ap), acc, DT, PRECISION)
-    acc = dot(q, tl.trans(Aq), acc, DT, PRECISION)
-    x1 = acc + BS[0][None, :]
-    h1 = act_fwd(x1, ACTS[0], ACT)
+    acc = tl.zeros([Ak.shape[0], k.shape[0]], tl.float32)
+    acc = dot(Ak, tl.trans(k), acc, DT, PRECISION)
+    acc = dot(Ap, tl.trans(qk), acc, DT, PRECISION)
+    acc = dot(Aq, tl.trans(q), acc, DT, PRECISION)
+    x1 = acc + BS[0][:, None]
+    h1 = _act_fm(x1, ACTS[0], ACT)
     kept1 = _saved(x1, h1, DT, ACT)
     kept2, h2 = _deep_fwd(kept1, h1, WD[0], BS[1], ACTS[1], 2, NUM_LAYERS, ACT, DT, PRECISION)
     kept3, h3 = _deep_fwd(kept2, h2, WD[1], BS[2], ACTS[2], 3, NUM_LAYERS, ACT, DT, PRECISION)
     kept4, h4 = _deep_fwd(kept3, h3, WD[2], BS[3], ACTS[3], 4, NUM_LAYERS, ACT, DT, PRECISION)
-    s = tl.sum(h4 * wo[None, :], axis=1) + bo
+    s = tl.sum(h4 * wo[:, None], axis=0) + bo
     return s, (kept1, kept2, kept3, kept4), h4
 
 
@@ -444,24 +441,48 @@ def _store_padding_zeros(ptr, width, stride_b, stride_t, u_begin, u_end, row_end
 
 
 @triton.jit
+def _act_bwd_saved(kept, dh, act, ACT: tl.constexpr):
+    """`act_bwd` of [H, rows] tiles from what the forward kept (`_saved`)."""
+    if ACT == 0:
+        h = kept.to(tl.float32)
+        dx = dh * h * (1.0 - h)
+        da = tl.sum(tl.zeros_like(dh), axis=1)
+        result = dx, (da, da, da)
+    elif ACT == 1:
+        da = tl.sum(tl.zeros_like(dh), axis=1)
+        result = tl.where(kept > 0, dh, 0.0), (da, da, da)
+    else:
+        dx, dact = act_bwd(tl.trans(kept.to(tl.float32)), tl.trans(dh), act, ACT)
+        result = tl.trans(dx), dact
+    return result
+
+
+@triton.jit
 def _deep_bwd(dh, kept, kept_below, w, act, act_below, grads, LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr,
               ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
-    """Hidden layer LAYER >= 2: dL/dh_l into dL/dh_l-1, adding to grads = (dW [H_l, H_l-1], db, dact)."""
-    dw, db, dact = grads
+    """Hidden layer LAYER >= 2 on [H, rows] tiles: dL/dh_l into dL/dh_l-1, adding to
+    grads = (dW^T [H_l-1, H_l], db, dact). dW is accumulated transposed so the MMA's M is H_l-1."""
+    dwT, db, dact = grads
     if NUM_LAYERS >= LAYER:
         G, tile_dact = _act_bwd_saved(kept, dh, act, ACT)
         h_below = _activation_of_saved(kept_below, act_below, ACT)
-        dw = dot(tl.trans(G), h_below, dw, DT, PRECISION)
-        db += tl.sum(G, axis=0)
+        dwT = dot(h_below, tl.trans(G), dwT, DT, PRECISION)
+        db += tl.sum(G, axis=1)
         dact = (dact[0] + tile_dact[0], dact[1] + tile_dact[1], dact[2] + tile_dact[2])
-        dh = dot(G, w, tl.zeros([G.shape[0], w.shape[1]], tl.float32), DT, PRECISION)
-    return dh, (dw, db, dact)
+        dh = dot(tl.trans(w), G, tl.zeros([w.shape[1], G.shape[1]], tl.float32), DT, PRECISION)
+    return dh, (dwT, db, dact)
 
 
 @triton.jit
 def _zero_grads(bias, BLOCK_IN: tl.constexpr):
     z = tl.zeros_like(bias)
-    return tl.zeros([bias.shape[0], BLOCK_IN], tl.float32), z, (z, z, z)
+    return tl.zeros([BLOCK_IN, bias.shape[0]], tl.float32), z, (z, z, z)
+
+
+@triton.jit
+def _transposed(grads):
+    """(dW^T, db, dact) as (dW, db, dact): a view, no data moves."""
+    return tl.trans(grads[0]), grads[1], grads[2]
 
 
 @triton.jit
@@ -545,20 +566,20 @@ def _packed_bwd_kernel(
         else:
             w = tl.where(live, s, 0.0)
             ds = tl.where(live, dw, 0.0)
-        dwo += tl.sum(ds[:, None] * h_top, axis=0)
+        dwo += tl.sum(h_top * ds[None, :], axis=1)
         dbo += tl.sum(ds, axis=0)
-        dh = ds[:, None] * wo[None, :]
+        dh = wo[:, None] * ds[None, :]
         kept1, kept2, kept3, kept4 = kept
         dh, grads4 = _deep_bwd(dh, kept4, kept3, WD[2], ACTS[3], ACTS[2], grads4, 4, NUM_LAYERS, ACT, DT, PRECISION)
         dh, grads3 = _deep_bwd(dh, kept3, kept2, WD[1], ACTS[2], ACTS[1], grads3, 3, NUM_LAYERS, ACT, DT, PRECISION)
         dh, grads2 = _deep_bwd(dh, kept2, kept1, WD[0], ACTS[1], ACTS[0], grads2, 2, NUM_LAYERS, ACT, DT, PRECISION)
         G1, tile_dact = _act_bwd_saved(kept1, dh, ACTS[0], ACT)
         dact1 = (dact1[0] + tile_dact[0], dact1[1] + tile_dact[1], dact1[2] + tile_dact[2])
-        G1t = tl.trans(G1)
-        S_k = dot(G1t, k, S_k, DT, PRECISION)
-        S_p = dot(G1t, qk, S_p, DT, PRECISION)
-        U = dot(G1t, q, U, DT, PRECISION)
-        db1 += tl.sum(G1, axis=0)
+        S_k = dot(G1, k, S_k, DT, PRECISION)
+        S_p = dot(G1, qk, S_p, DT, PRECISION)
+        U = dot(G1, q, U, DT, PRECISION)
+        db1 += tl.sum(G1, axis=1)
+        G1 = tl.trans(G1)  # [rows, H1]
         zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dxk = dot(G1, Ak, zeros, DT, PRECISION)
         dxp = dot(G1, Ap, zeros, DT, PRECISION)
@@ -580,8 +601,9 @@ def _packed_bwd_kernel(
         _store_padding_zeros(dk_ptr, D, stride_dkb, stride_dkt, u_begin, u_end, row_end, offs_ptr, len_ptr, pos_ptr,
                              B, T, NV, n_iter, BLOCK_M, BLOCK_D, POS_MAP)
 
-    store_partials(part_ptr + tl.program_id(0).to(tl.int64) * part_stride, (U, S_k, S_p), db1, dact1, grads2, grads3,
-                   grads4, dwo, dbo, D, HID, SLOPE_STRIDE, NUM_LAYERS, ACT, AFFINE, False)
+    store_partials(part_ptr + tl.program_id(0).to(tl.int64) * part_stride, (U, S_k, S_p), db1, dact1,
+                   _transposed(grads2), _transposed(grads3), _transposed(grads4), dwo, dbo, D, HID, SLOPE_STRIDE,
+                   NUM_LAYERS, ACT, AFFINE, False)
 
 
 # ---------------------------------------------------------------------------------------------
