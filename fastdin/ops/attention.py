@@ -3,7 +3,7 @@ backend table, the fused kernel's autograd.Function and its torch.library custom
 
 The math is `fastdin.reference.attention_pool`; the kernels are `fastdin.kernels.attention_pool`.
 """
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -115,6 +115,18 @@ def _attention_dice_stats(
     )
 
 
+class Spec(NamedTuple):
+    """What a call of the per-user kernels fixes besides its tensors (frozen; the custom ops take it
+    as its fields, a schema holds no NamedTuple)."""
+
+    activation: str
+    dice_eps: float
+    dice_affine: bool
+    softmax: bool
+    return_scores: bool
+    dice_count_all: bool  # training-mode Dice: statistics over all B * T positions, padding included
+
+
 # eager calls the function itself (see _AttentionPoolFunction); torch.compile sees the op
 _attention_dice_stats_op = torch.library.custom_op(
     "fastdin::attention_dice_stats", _attention_dice_stats, mutates_args=("running_means", "running_vars")
@@ -189,40 +201,48 @@ def _attention_pool_backward_fake(grad_out, grad_scores, query, keys, weights, b
     return grads
 
 
+def _saved(ctx, query, keys, weights, biases, act_tensors, lengths, mask, dice_count, output, spec: Spec):
+    out, scores, lse = output
+    ctx.save_for_backward(query, keys, lengths, mask, out, scores, lse, dice_count, *weights, *biases, *act_tensors)
+    ctx.layers, ctx.spec = len(weights), spec
+
+
+# the inputs of fastdin::attention_pool that get no gradient: lengths, mask, dice_count, the Spec's six fields
+_OP_INPUTS_WITHOUT_GRAD = 9
+
+
 def _attention_pool_setup_context(ctx, inputs, output):
     (query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine, softmax,
      return_scores, dice_count, dice_count_all) = inputs
-    out, scores, lse = output
-    ctx.save_for_backward(query, keys, lengths, mask, out, scores, lse, dice_count, *weights, *biases, *act_tensors)
-    ctx.layers, ctx.activation, ctx.dice_eps, ctx.dice_affine = len(weights), activation, dice_eps, dice_affine
-    ctx.softmax, ctx.return_scores, ctx.dice_count_all = softmax, return_scores, dice_count_all
+    spec = Spec(activation, dice_eps, dice_affine, softmax, return_scores, dice_count_all)
+    _saved(ctx, query, keys, weights, biases, act_tensors, lengths, mask, dice_count, output, spec)
 
 
 def _attention_pool_grads(ctx, grad_out, grad_scores, backward_kernels):
     """The backward shared by the custom op and the eager Function: (dquery, dkeys, dweights, dbiases, dact)."""
     query, keys, lengths, mask, out, scores, lse, dice_count, *params = ctx.saved_tensors
-    layers = ctx.layers
+    layers, spec = ctx.layers, ctx.spec
     weights, biases, act_tensors = params[:layers], params[layers:2 * layers], params[2 * layers:]
     if grad_out is None:  # only the scores were used
         grad_out = torch.zeros_like(out)
-    if not ctx.return_scores:
+    if not spec.return_scores:
         grad_scores = None
     delta = None
-    if ctx.softmax:
+    if spec.softmax:
         # sum_t w_t dL/dw_t = out . g (+ scores . grad_scores): the softmax backward needs only this per row
         delta = (out.float() * grad_out.float()).sum(-1)
         if grad_scores is not None:
             delta = delta + (scores.float() * grad_scores.float()).sum(-1)
     grads = backward_kernels(
         grad_out, grad_scores, query, keys, list(weights), list(biases), list(act_tensors), lengths, mask, lse,
-        delta, ctx.activation, ctx.dice_eps, ctx.dice_affine, ctx.softmax, dice_count, ctx.dice_count_all,
+        delta, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, dice_count, spec.dice_count_all,
     )
     dquery, dkeys = grads[0], grads[1]
     dweights, dbiases = grads[2:2 + layers], grads[2 + layers:2 + 2 * layers]
     trained = iter(grads[2 + 2 * layers:])
-    per_layer = 5 if ctx.dice_affine else 3
+    per_layer = 5 if spec.dice_affine else 3
     dact = [
-        None if ctx.activation == "dice" and i % per_layer in (1, 2) else next(trained)
+        None if spec.activation == "dice" and i % per_layer in (1, 2) else next(trained)
         for i in range(len(act_tensors))
     ]
     return dquery, dkeys, dweights, dbiases, dact
@@ -230,7 +250,7 @@ def _attention_pool_grads(ctx, grad_out, grad_scores, backward_kernels):
 
 def _attention_pool_backward(ctx, grad_out, grad_scores, _grad_lse):
     grads = _attention_pool_grads(ctx, grad_out, grad_scores, _attention_pool_backward_op)
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    return (*grads, *(None,) * _OP_INPUTS_WITHOUT_GRAD)
 
 
 _attention_pool_op.register_autograd(_attention_pool_backward, setup_context=_attention_pool_setup_context)
@@ -243,17 +263,14 @@ class _AttentionPoolFunction(torch.autograd.Function):
     of microseconds."""
 
     @staticmethod
-    def forward(ctx, query, keys, lengths, mask, activation, dice_eps, dice_affine, softmax, return_scores,
-                dice_count, dice_count_all, layers, *tensors):
+    def forward(ctx, query, keys, lengths, mask, dice_count, spec: Spec, layers, *tensors):
         weights, biases = list(tensors[:layers]), list(tensors[layers:2 * layers])
         act_tensors = list(tensors[2 * layers:])
         output = _attention_kernels().attention_pool_forward(
-            query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
-            softmax, return_scores,
+            query, keys, weights, biases, act_tensors, lengths, mask, spec.activation, spec.dice_eps,
+            spec.dice_affine, spec.softmax, spec.return_scores,
         )
-        inputs = (query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
-                  softmax, return_scores, dice_count, dice_count_all)
-        _attention_pool_setup_context(ctx, inputs, output)
+        _saved(ctx, query, keys, weights, biases, act_tensors, lengths, mask, dice_count, output, spec)
         ctx.set_materialize_grads(False)  # unused outputs (scores, lse) bring None, not zero tensors
         ctx.mark_non_differentiable(output[2])
         return output
@@ -264,7 +281,8 @@ class _AttentionPoolFunction(torch.autograd.Function):
         dquery, dkeys, dweights, dbiases, dact = _attention_pool_grads(
             ctx, grad_out, grad_scores, _attention_kernels().attention_pool_backward
         )
-        return (dquery, dkeys) + (None,) * 10 + (*dweights, *dbiases, *dact)
+        no_grads = (None,) * 5  # lengths, mask, dice_count, spec, layers
+        return (dquery, dkeys, *no_grads, *dweights, *dbiases, *dact)
 
 
 def _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask, dice_eps, dice_affine,
@@ -315,9 +333,9 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
             dice_affine, softmax, return_scores, dice_count, count_all,
         )
     else:
+        spec = Spec(activation, dice_eps, dice_affine, softmax, return_scores, count_all)
         out, scores, _lse = _AttentionPoolFunction.apply(
-            query, keys, lengths, mask, activation, dice_eps, dice_affine, softmax, return_scores, dice_count,
-            count_all, len(weights), *weights, *biases, *act_tensors,
+            query, keys, lengths, mask, dice_count, spec, len(weights), *weights, *biases, *act_tensors,
         )
     return out, (scores if return_scores else None)
 

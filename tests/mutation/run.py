@@ -312,8 +312,8 @@ MUTANTS = [
     M("packed-lengths-stride-ignored", OPS_PACKED, "lengths = lengths.contiguous() if lengths is not None else None",
       "lengths = lengths", "packed: strided lengths read as contiguous", PACKED_TESTS),
     # ---------------------------------------------------------------- ops (autograd and custom ops)
-    M("op-compiled-attention-weight-grads-none", OPS_ATTENTION, "    return (*grads, None, None, None, None, None, None, None, None, None)",
-      "    return (grads[0], grads[1], [None] * len(grads[2]), grads[3], grads[4], None, None, None, None, None, None, None, None, None)",
+    M("op-compiled-attention-weight-grads-none", OPS_ATTENTION, "    return (*grads, *(None,) * _OP_INPUTS_WITHOUT_GRAD)",
+      "    return (grads[0], grads[1], [None] * len(grads[2]), grads[3], grads[4], *(None,) * _OP_INPUTS_WITHOUT_GRAD)",
       "the compiled custom op's backward returns None for the weight gradients", ATTENTION_TESTS[-1:] + ATTENTION_TESTS),
     M("op-compiled-dice-affine-grads-none", OPS_DICE, "    dweight, dbias = grads[2:] if weight is not None else (None, None)",
       "    dweight, dbias = None, None", "the compiled Dice op's backward returns None for weight and bias", DICE_TESTS),
