@@ -15,6 +15,7 @@ off, and the tests call it in a subprocess (`run_in_subprocess`):
 FUNCTION returns {case id: call that launches kernels}. The script prints a
 table to stderr and one JSON line to stdout: {"cases": {case: {kernel: build or {"error": ...}}},
 "seconds": {case: compile seconds}}, or {"unavailable": reason} where this triton cannot build for sm_90.
+With `--csv PATH` it also appends the table to a CSV (bench/results/sm90_builds.csv keeps them).
 """
 import contextlib
 import importlib
@@ -159,8 +160,32 @@ def run_in_subprocess(cases: str, timeout: float = 900) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+CSV_COLUMNS = ["date", "target", "triton", "cases", "case", "kernel", "shared", "registers", "spill_stores",
+               "spill_loads", "wgmma", "mma_sync", "error"]
+
+
+def append_csv(path: str, cases: str, results: dict) -> None:
+    """One row per case and kernel of `results` (main's "cases"), appended to the CSV at path."""
+    import datetime
+
+    import triton
+
+    from fastdin.bench.report import append_csv as append
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = [dict(date=stamp, target="sm_90a", triton=triton.__version__, cases=cases, case=case, kernel=kernel,
+                 **build) for case, kernels in results.items() for kernel, build in kernels.items()]
+    append(path, rows, CSV_COLUMNS)
+
+
 def main(argv: List[str]) -> None:
-    module_name, function_name = argv[0].split(":")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a module's kernels for sm_90 without a GPU.")
+    parser.add_argument("cases", help="MODULE:FUNCTION, importable from tests/")
+    parser.add_argument("--csv", help="also append the builds to this CSV")
+    args = parser.parse_args(argv)
+    module_name, function_name = args.cases.split(":")
     reason = toolchain_missing()
     if reason is not None:
         print(json.dumps({"unavailable": reason}))
@@ -179,6 +204,8 @@ def main(argv: List[str]) -> None:
                      f"  wgmma {b.wgmma}  mma.sync {b.mma_sync}"
                      if isinstance(b, Build) else "FAILED: " + b.splitlines()[0])
             print(f"{case:40s} {kernel:26s} {usage}", file=sys.stderr)
+    if args.csv:
+        append_csv(args.csv, args.cases, results)
     print(json.dumps({"cases": results, "seconds": seconds}))
 
 
