@@ -272,11 +272,12 @@ def test_training_step_makes_three_device_launches(activation, monkeypatch):
 # sm_90 builds (tests/sm90_build.py): every launch of a training step compiled with Triton's
 # compiler and the ptxas of the wheel, no GPU needed, at the design notes' shapes
 
-SM90_SHAPES = {"paper": (32, (80, 40), "sigmoid"), "seed": (64, (256, 128, 64), "prelu")}
+SM90_SHAPES = {"paper": (32, (80, 40), "sigmoid"), "paper-prelu": (32, (80, 40), "prelu"),
+               "seed": (64, (256, 128, 64), "prelu")}
 SM90_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # the variants the dispatch launches (fastdin.ops.attention_packed.packed_gap): the seed shape needs
 # more shared memory than a block has, fp32 on CUDA stays on the per-user kernels
-SM90_CASES = [("paper", "bf16", False), ("paper", "bf16", True)]
+SM90_CASES = [("paper", "bf16", False), ("paper", "bf16", True), ("paper-prelu", "bf16", False)]
 
 
 def sm90_case_id(shape, dtype, softmax):
@@ -341,7 +342,8 @@ def test_builds_for_sm90_with_wgmma_within_shared_memory(sm90_builds, case):
 # what ptxas spills today (bytes per thread, paper shape, bf16): the backward misses the 0-byte
 # target (docs/design.md, "What the sm_90 builds say"); strict, so a fix shows up as an unexpected pass
 SPILLING = {("paper", "bf16", False, "_packed_bwd_kernel"): "about 1.6 KB",
-            ("paper", "bf16", True, "_packed_bwd_kernel"): "about 1.6 KB"}
+            ("paper", "bf16", True, "_packed_bwd_kernel"): "about 1.6 KB",
+            ("paper-prelu", "bf16", False, "_packed_bwd_kernel"): "about 1.8 KB"}
 SPILL_PARAMS = [pytest.param(case, kernel, id=f"{sm90_case_id(*case)}-{kernel}",
                              marks=[pytest.mark.xfail(strict=True, reason=f"spills {SPILLING[(*case, kernel)]}")]
                              if (*case, kernel) in SPILLING else [])
