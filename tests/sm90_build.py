@@ -185,6 +185,8 @@ def main(argv: List[str]) -> None:
     parser.add_argument("cases", help="MODULE:FUNCTION, importable from tests/")
     parser.add_argument("--csv", help="also append the builds to this CSV")
     args = parser.parse_args(argv)
+    # before the case module imports conftest, whose default turns the interpreter on where no GPU is
+    os.environ.setdefault("TRITON_INTERPRET", "0")
     module_name, function_name = args.cases.split(":")
     reason = toolchain_missing()
     if reason is not None:
