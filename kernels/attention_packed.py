@@ -532,7 +532,7 @@ def _packed_bwd_kernel(
         tl.debug_barrier()
 
     # per-program accumulators: the first layer's S_k, S_p, U ([H1, D], nn.Linear layout) and db1,
-    # then (dW, db, dact) of the deeper layers, the score layer's
+    # then (dW^T, db, dact) of the deeper layers, the score layer's
     S_k = tl.zeros(Ak.shape, tl.float32)
     S_p = tl.zeros(Ak.shape, tl.float32)
     U = tl.zeros(Ak.shape, tl.float32)
