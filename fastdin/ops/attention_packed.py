@@ -37,14 +37,14 @@ def _block(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
     """Bytes of shared memory the backward program (the larger) needs on sm_90: its weights in the
-    compute dtype in two layouts (forward and backward operands), plus the 64-row tiles staged for
-    the products' B operands (the feature-major hidden tiles, the keys). A bound fitted to ptxas
+    compute dtype (read back from its scratch, `_staged` in the kernels), and the 64-row tiles staged
+    for the products' B operands (the keys, the feature-major hidden tiles). A bound fitted to ptxas
     builds for sm_90 of eleven shapes (bf16, D from 16 to 128, one to three hidden layers; D=32 80/40:
-    110592 B, D=64 256/128/64: 417792 B), 1.5-20% above each."""
+    69632 B, D=64 256/128/64: 237568 B), 5-15% above each."""
     blocks = [_block(h) for h in hidden]
     weights = 3 * _block(dim) * blocks[0] + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
-    tiles = 64 * (sum(blocks) // 2 + 4 * _block(dim))
-    return (2 * weights + tiles) * (4 if dtype == torch.float32 else 2) + 8192
+    elements = 5 * weights // 4 + 8 * sum(blocks) + 208 * _block(dim)
+    return elements * (4 if dtype == torch.float32 else 2) + 8192
 
 
 def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
