@@ -246,11 +246,11 @@ def _through_memory(tile, ptr):
 
 @triton.jit
 def _staged(A, WD, ptr, NUM_LAYERS: tl.constexpr):
-    """The folded first layer and the deeper weights, in the compute dtype, passed through this
-    program's scratch in global memory. An MMA operand computed in registers (the fold, the dtype
-    conversion) is kept there as a register A operand by Triton; read from memory it goes to shared
-    memory (sm_90 builds of the backward at the paper shape: 1612 -> 1484 B of spills, 110592 ->
-    69632 B of shared memory). `staged_elements` sizes the scratch."""
+    """The folded first layer and the deeper weights, in the compute dtype, passed through global
+    memory (this program's partials row, which is written only at the end; `_plan` makes it wide
+    enough). An MMA operand computed in registers (the fold, the dtype conversion) is kept there as a
+    register A operand by Triton; read from memory it goes to shared memory (sm_90 builds of the
+    backward at the paper shape: 1612 -> 1484 B of spills, 110592 -> 69632 B of shared memory)."""
     Ak, ptr = _through_memory(A[0], ptr)
     Ap, ptr = _through_memory(A[1], ptr)
     Aq, ptr = _through_memory(A[2], ptr)
@@ -265,8 +265,8 @@ def _staged(A, WD, ptr, NUM_LAYERS: tl.constexpr):
 
 
 def staged_elements(block_d: int, blocks: Sequence[int]) -> int:
-    """Scratch elements per program for `_staged`: the padded [H1, D] blocks Ak, Ap, Aq and every
-    deeper [H_l, H_l-1] weight."""
+    """Elements `_staged` writes: the padded [H1, D] blocks Ak, Ap, Aq and every deeper [H_l, H_l-1]
+    weight."""
     return 3 * blocks[0] * block_d + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
 
 
@@ -526,9 +526,9 @@ def _transposed(grads):
 @triton.jit
 def _packed_bwd_kernel(
     q_ptr, k_ptr, len_ptr, pos_ptr, offs_ptr, out_ptr, lse_ptr, scores_ptr, go_ptr, gs_ptr, delta_ptr,
-    dq_ptr, dk_ptr, part_ptr, scratch_ptr,
+    dq_ptr, dk_ptr, part_ptr,
     W, BIAS, ACTP, SLOPE_STRIDE, HID, eps,
-    B, T, D, NV, n_iter, part_stride, scratch_stride,
+    B, T, D, NV, n_iter, part_stride,
     stride_qb, stride_kb, stride_kt, stride_ob, stride_sb, stride_st, stride_gb, stride_gd,
     stride_gsb, stride_gst, stride_dkb, stride_dkt,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -543,7 +543,8 @@ def _packed_bwd_kernel(
     u_begin, u_end, row_begin, row_end = _own_users(len_ptr, offs_ptr, B, T, NV, BLOCK_B, JAGGED)
     A, WD, BS, ACTS, wo, bo = _load_mlp(W, BIAS, ACTP, SLOPE_STRIDE, HID, D, eps, BLOCK_D, BH, NUM_LAYERS, ACT,
                                         AFFINE, DT)
-    A, WD = _staged(A, WD, scratch_ptr + tl.program_id(0).to(tl.int64) * scratch_stride, NUM_LAYERS)
+    A, WD = _staged(A, WD, (part_ptr + tl.program_id(0).to(tl.int64) * part_stride).to(tl.pointer_type(DT)),
+                    NUM_LAYERS)
     Ak, Ap, Aq = A
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -640,6 +641,7 @@ def _packed_bwd_kernel(
         _store_padding_zeros(dk_ptr, D, stride_dkb, stride_dkt, u_begin, u_end, row_end, offs_ptr, len_ptr, pos_ptr,
                              B, T, NV, n_iter, BLOCK_M, BLOCK_D, POS_MAP)
 
+    tl.debug_barrier()  # every staged weight is read before the row is overwritten
     store_partials(part_ptr + tl.program_id(0).to(tl.int64) * part_stride, (U, S_k, S_p), db1, dact1,
                    _transposed(grads2), _transposed(grads3), _transposed(grads4), dwo, dbo, D, HID, SLOPE_STRIDE,
                    NUM_LAYERS, ACT, AFFINE, False)
@@ -689,17 +691,18 @@ class _Plan(NamedTuple):
     meta: dict  # the constexprs both kernels take
     hid: tuple  # hidden sizes padded to MAX_HIDDEN_LAYERS entries (absent layers are never read)
     grads: GradLayout  # the weight-gradient partials
-    staged: int  # the backward's scratch per program, elements (`_staged`)
+    part_row: int  # floats per program in the backward's partials: the gradients, or the staged weights
 
 
 @functools.lru_cache(maxsize=None)
 def _plan(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: bool, tf32: bool,
           slope_sizes: tuple) -> _Plan:
     padded = tuple(block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
+    layout = grad_layout(dim, hidden, activation, affine, slope_sizes)
     meta = dict(BLOCK_D=block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
                 DT=TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
     return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)),
-                 grad_layout(dim, hidden, activation, affine, slope_sizes), staged_elements(block(dim), padded[:len(hidden)]))
+                 layout, max(layout.width, -(-staged_elements(block(dim), padded[:len(hidden)]) * dtype.itemsize // 4)))
 
 
 def _launch_plan(query, keys, weights, act_tensors, rows: PackedRows, activation, dice_affine):
@@ -781,8 +784,7 @@ def packed_attention_backward(
     if batch == 0:
         parts = torch.zeros((1, width), dtype=torch.float32, device=device)
     else:
-        parts = _new((programs, width), torch.float32, device)
-        scratch = torch.empty((programs, plan.staged), dtype=keys.dtype, device=device)
+        parts = _new((programs, plan.part_row), torch.float32, device)
         offs = _new((batch,), torch.int64, device)
         has_gs = grad_scores is not None
         delta = _new((batch,), torch.float32, device) if softmax and has_gs else None
@@ -791,9 +793,9 @@ def packed_attention_backward(
         dk_strides = (0, dk.stride(0)) if rows.jagged else (dk.stride(0), dk.stride(1))
         _packed_bwd_kernel[(programs,)](
             query, keys, rows.source, rows.positions, offs, out, lse, scores, grad_out, grad_scores, delta,
-            dq, dk, parts, scratch,
+            dq, dk, parts,
             W, BIAS, ACTP, SLOPE, plan.hid, float(dice_eps),
-            batch, seq_len, dim, n_values, batch.bit_length(), width, plan.staged,
+            batch, seq_len, dim, n_values, batch.bit_length(), plan.part_row,
             query.stride(0), stride_kb, stride_kt, out.stride(0), stride_sb, stride_st, *grad_out.stride(),
             *gs_strides, *dk_strides,
             BLOCK_M=block, BLOCK_B=BLOCK_B, JAGGED=rows.jagged, POS_MAP=rows.positions is not None,

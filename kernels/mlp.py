@@ -171,8 +171,8 @@ def sum_partials(parts: Tensor, layout: GradLayout, weights: Sequence[Tensor], b
     trained = [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
     params = [*weights, *biases, *trained]
     flat = torch.empty(layout.width, dtype=torch.float32, device=parts.device)
-    sum_partials_kernel[(triton.cdiv(layout.width, REDUCE_BLOCK),)](parts, flat, parts.shape[0], layout.width,
-                                                                    BLOCK=REDUCE_BLOCK)
+    sum_partials_kernel[(triton.cdiv(layout.width, REDUCE_BLOCK),)](parts, flat, parts.shape[0], parts.stride(0),
+                                                                    layout.width, BLOCK=REDUCE_BLOCK)
     grads = []
     for (shape, stride, offset), p in zip(layout.entries, params):
         g = flat.as_strided(shape, stride, offset)
@@ -186,13 +186,13 @@ REDUCE_BLOCK = 1024
 
 
 @triton.jit
-def sum_partials_kernel(part_ptr, out_ptr, n_parts, width, BLOCK: tl.constexpr):
-    """out[i] = sum_p part[p, i], p in order."""
+def sum_partials_kernel(part_ptr, out_ptr, n_parts, part_stride, width, BLOCK: tl.constexpr):
+    """out[i] = sum_p part[p, i] for i < width (a row may be longer), p in order."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < width
     total = tl.zeros([BLOCK], tl.float32)
     for p in range(0, n_parts):
-        total += tl.load(part_ptr + p * width + cols, mask=ok, other=0.0)
+        total += tl.load(part_ptr + p * part_stride + cols, mask=ok, other=0.0)
     tl.store(out_ptr + cols, total, mask=ok)
 
 
