@@ -699,10 +699,11 @@ def _plan(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: 
           slope_sizes: tuple) -> _Plan:
     padded = tuple(block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
     layout = grad_layout(dim, hidden, activation, affine, slope_sizes)
+    staged_floats = -(-staged_elements(block(dim), padded[:len(hidden)]) * dtype.itemsize // 4)  # rounded up
     meta = dict(BLOCK_D=block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
                 DT=TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
     return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)),
-                 layout, max(layout.width, -(-staged_elements(block(dim), padded[:len(hidden)]) * dtype.itemsize // 4)))
+                 layout, max(layout.width, staged_floats))
 
 
 def _launch_plan(query, keys, weights, act_tensors, rows: PackedRows, activation, dice_affine):

@@ -207,8 +207,8 @@ def _saved(ctx, query, keys, weights, biases, act_tensors, lengths, mask, dice_c
     ctx.layers, ctx.spec = len(weights), spec
 
 
-# the inputs of fastdin::attention_pool that get no gradient: lengths, mask, dice_count, the Spec's six fields
-_OP_INPUTS_WITHOUT_GRAD = 9
+# the inputs of fastdin::attention_pool that get no gradient: lengths, mask, dice_count and the Spec's fields
+_OP_INPUTS_WITHOUT_GRAD = 3 + len(Spec._fields)
 
 
 def _attention_pool_setup_context(ctx, inputs, output):

@@ -37,7 +37,7 @@ def _block(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
     """Bytes of shared memory the backward program (the larger) needs on sm_90: its weights in the
-    compute dtype (read back from its scratch, `_staged` in the kernels), and the 64-row tiles staged
+    compute dtype (read back from its partials row, `_staged` in the kernels), and the 64-row tiles staged
     for the products' B operands (the keys, the feature-major hidden tiles). A bound fitted to ptxas
     builds for sm_90 of eleven shapes (bf16, D from 16 to 128, one to three hidden layers; D=32 80/40:
     69632 B, D=64 256/128/64: 237568 B), 5-15% above each."""
