@@ -10,7 +10,8 @@ The first layer has constant weights (docs/design.md, "Packed rows"): with W1 sp
 D-row blocks, x_t W1 + b1 = k Ak + (q*k) Ap + q Aq + b1 where Ak = Wk - Wd, Ap = Wp, Aq = Wq + Wd.
 The three products are one [H1, 3D] x [3D, BLOCK_M] MMA (feature-major: the hidden tiles are
 [H, rows], see `_mlp_fwd`), cut along K into three chained tl.dots that accumulate in one fp32
-accumulator. The q Aq part is the per-user c_b = q_b (Wq + Wd), taken per row:
+accumulator; the backward keeps one stacked copy [Ak | Ap | Aq | 0] for the recompute and for the
+input gradients (`_stacked_first_layer`). The q Aq part is the per-user c_b = q_b (Wq + Wd), taken per row:
 that costs one more MMA per tile but no separate launch and no [B, H1] buffer, and in the backward
 U = sum q_b^T dc_b = sum_r q_r^T G1[r] and dq come out of the same per-row products. Every matrix
 is the same for every row, so a program loads them once, in the compute dtype.
@@ -42,9 +43,13 @@ from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, Gr
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
 POISON_OUTPUTS = False
-# Untuned (no GPU measured yet): 64-row tiles; two warpgroups, which split the feature-major hidden
-# tiles between them (`_mlp_fwd`; sm_90 builds at the paper shape: with 4 warps the softmax forward spills 60 B).
+# Untuned (no GPU measured yet): two warpgroups, which split the feature-major hidden tiles between
+# them (`_mlp_fwd`; sm_90 builds at the paper shape: with 4 warps the softmax forward spills 60 B).
+# The backward holds its weight-gradient accumulators across the tile loop, so it takes 16-row tiles:
+# every product of its tile has M = a hidden width or 4 BLOCK_D, so they stay wgmma (sm_90 builds at the
+# paper shape: 444 B of spills per thread with 32 rows, 100 B with 16; 1484 B before, row-major dk, 64 rows).
 BLOCK_M = 64
+BLOCK_M_BWD = 16
 BLOCK_B = 1024  # lengths scanned per step
 NUM_WARPS_FWD = 8
 NUM_WARPS_BWD = 8
@@ -153,19 +158,39 @@ def _same_user(user, u_begin, live):
 
 
 @triton.jit
+def _high_low(values, DT: tl.constexpr):
+    """values as high + low, both in DT: a product of each with a 0/1 matrix keeps about 16 bits more
+    than DT alone (far below its own rounding)."""
+    high = values.to(DT)
+    return high, (values - high.to(tl.float32)).to(DT)
+
+
+@triton.jit
 def _segment_totals(same, values, DT: tl.constexpr):
     """For each row, the sum of `values` [M, X] over the rows of its user in this tile (`same` [M, M]:
     row r and live row r' belong to one user). A product with the 0/1 matrix: tensor cores for 16-bit
-    compute dtypes, with values split into a high and a low part so the sums keep about 16 bits more
-    than the dtype (far below its own rounding); exact fp32 products (ieee) for fp32. A scan would do
+    compute dtypes (values split by `_high_low`); exact fp32 products (ieee) for fp32. A scan would do
     the same work, but Triton's interpreter runs a custom scan element by element in Python."""
     if DT == tl.float32:
         totals = tl.dot(same.to(tl.float32), values, input_precision="ieee")
     else:
-        high = values.to(DT)
-        low = (values - high.to(tl.float32)).to(DT)
+        high, low = _high_low(values, DT)
         ones = same.to(DT)
         totals = tl.dot(ones, low, tl.dot(ones, high))
+    return totals
+
+
+@triton.jit
+def _segment_totals_fm(same, values, DT: tl.constexpr):
+    """`_segment_totals` of feature-major values [X, M]: values same^T, so the MMA's M is X (with the
+    high and low parts stacked, 2X), not the rows."""
+    if DT == tl.float32:
+        totals = tl.dot(values, tl.trans(same.to(tl.float32)), input_precision="ieee")
+    else:
+        high, low = _high_low(values, DT)
+        both = tl.reshape(tl.permute(tl.join(high, low), (2, 0, 1)), [2 * values.shape[0], values.shape[1]])
+        totals = tl.sum(tl.reshape(tl.dot(both, tl.trans(same.to(DT))), [2, values.shape[0], values.shape[1]]),
+                        axis=0)
     return totals
 
 
@@ -233,12 +258,17 @@ def _load_mlp(W, BIAS, ACTP, SLOPE_STRIDE, HID, D, eps, BLOCK_D: tl.constexpr, B
 
 
 @triton.jit
+def _tile_offsets(tile):
+    rows = tl.arange(0, tile.shape[0])
+    cols = tl.arange(0, tile.shape[1])
+    return rows[:, None] * tile.shape[1] + cols[None, :]
+
+
+@triton.jit
 def _through_memory(tile, ptr):
     """tile stored row-major at ptr and read back (a barrier between: the threads that read an element
     are not those that wrote it); returns the tile read and the pointer past it."""
-    rows = tl.arange(0, tile.shape[0])
-    cols = tl.arange(0, tile.shape[1])
-    offs = rows[:, None] * tile.shape[1] + cols[None, :]
+    offs = _tile_offsets(tile)
     tl.store(ptr + offs, tile)
     tl.debug_barrier()
     return tl.load(ptr + offs), ptr + tile.shape[0] * tile.shape[1]
@@ -246,14 +276,16 @@ def _through_memory(tile, ptr):
 
 @triton.jit
 def _staged(A, WD, ptr, NUM_LAYERS: tl.constexpr):
-    """The folded first layer and the deeper weights, in the compute dtype, passed through global
-    memory (this program's partials row, which is written only at the end; `_plan` makes it wide
-    enough). An MMA operand computed in registers (the fold, the dtype conversion) is kept there as a
-    register A operand by Triton; read from memory it goes to shared memory (sm_90 builds of the
-    backward at the paper shape: 1612 -> 1484 B of spills, 110592 -> 69632 B of shared memory)."""
-    Ak, ptr = _through_memory(A[0], ptr)
-    Ap, ptr = _through_memory(A[1], ptr)
-    Aq, ptr = _through_memory(A[2], ptr)
+    """The folded first layer, stacked (`_stacked_first_layer`), and the deeper weights, in the
+    compute dtype, passed through global memory (this program's partials row, which is written only at
+    the end; `_plan` makes it wide enough). An MMA operand computed in registers (the fold, the dtype
+    conversion) is kept there as a register A operand by Triton; read from memory it goes to shared
+    memory, once (sm_90 builds of the backward at the paper shape, 64-row tiles: 1612 -> 1484 B of
+    spills, 110592 -> 69632 B of shared memory)."""
+    first = ptr
+    for block in tl.static_range(3):
+        tl.store(ptr + _tile_offsets(A[block]), A[block])
+        ptr += A[block].shape[0] * A[block].shape[1]
     w2, w3, w4 = WD
     if NUM_LAYERS >= 2:
         w2, ptr = _through_memory(w2, ptr)
@@ -261,7 +293,35 @@ def _staged(A, WD, ptr, NUM_LAYERS: tl.constexpr):
         w3, ptr = _through_memory(w3, ptr)
     if NUM_LAYERS >= 4:
         w4, ptr = _through_memory(w4, ptr)
-    return (Ak, Ap, Aq), (w2, w3, w4)
+    tl.debug_barrier()
+    return _stacked_first_layer(first, A[0].shape[0], A[0].shape[1]), (w2, w3, w4)
+
+
+@triton.jit
+def _stacked_first_layer(ptr, H1: tl.constexpr, BLOCK_D: tl.constexpr):
+    """AS = [Ak | Ap | Aq | 0]^T, [4 BLOCK_D, H1], read from where `_staged` wrote Ak, Ap, Aq ([H1,
+    BLOCK_D] each, back to back); the zero block makes the stacked size a power of two. The backward's
+    one copy of the first layer: x1^T = AS^T [k | qk | q | 0]^T and the input gradients AS G1."""
+    i = tl.arange(0, 4 * BLOCK_D)
+    h = tl.arange(0, H1)
+    offs = (i // BLOCK_D)[:, None] * (H1 * BLOCK_D) + h[None, :] * BLOCK_D + (i % BLOCK_D)[:, None]
+    return tl.load(ptr + offs, mask=(i < 3 * BLOCK_D)[:, None], other=0.0)
+
+
+@triton.jit
+def _input_grads_fm(AS, G1, q, k, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """The first layer's gradients into a tile's keys and queries, feature-major [D, rows]: from
+    X = AS G1 = [Ak^T G1; Ap^T G1; Aq^T G1; 0] (AS from `_stacked_first_layer`, G1 [H1, rows]),
+    dL/dk = Ak^T G1 + q * Ap^T G1 and dL/dq = Aq^T G1 + k * Ap^T G1 per row. One product with
+    M = 4 BLOCK_D: a wgmma whatever the rows (row-major, G1^T A has M = rows)."""
+    X = dot(AS, G1, tl.zeros([AS.shape[0], G1.shape[1]], tl.float32), DT, PRECISION)
+    X = tl.reshape(X, [4, AS.shape[0] // 4, G1.shape[1]])
+    part = tl.arange(0, 4)[:, None, None]
+    q_t = tl.trans(q.to(tl.float32))[None, :, :]
+    k_t = tl.trans(k.to(tl.float32))[None, :, :]
+    dk = tl.sum(tl.where(part == 0, X, 0.0) + tl.where(part == 1, X * q_t, 0.0), axis=0)
+    dq = tl.sum(tl.where(part == 2, X, 0.0) + tl.where(part == 1, X * k_t, 0.0), axis=0)
+    return dk, dq
 
 
 def staged_elements(block_d: int, blocks: Sequence[int]) -> int:
@@ -312,7 +372,7 @@ def _deep_fwd(kept_below, h_below, w, bias, act, LAYER: tl.constexpr, NUM_LAYERS
 
 @triton.jit
 def _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS: tl.constexpr, ACT: tl.constexpr,
-             DT: tl.constexpr, PRECISION: tl.constexpr):
+             DT: tl.constexpr, PRECISION: tl.constexpr, STACKED: tl.constexpr):
     """Scores [rows] of a tile of rows (k, qk, q: [rows, D]), what the backward keeps of every hidden
     layer (`_saved`; layers past NUM_LAYERS repeat the last one), and the last hidden activation.
 
@@ -320,11 +380,16 @@ def _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS: tl.constexpr, ACT: t
     width and its N the rows. Triton puts all warps along M for chained products, and a 64-row tile
     row-major would be held whole by each warpgroup; feature-major, H1 = 128 is split between the
     two warpgroups of 8 warps (docs/design.md, "What the sm_90 builds say")."""
-    Ak, Ap, Aq = A
-    acc = tl.zeros([Ak.shape[0], k.shape[0]], tl.float32)
-    acc = dot(Ak, tl.trans(k), acc, DT, PRECISION)
-    acc = dot(Ap, tl.trans(qk), acc, DT, PRECISION)
-    acc = dot(Aq, tl.trans(q), acc, DT, PRECISION)
+    if STACKED:  # A is AS (`_stacked_first_layer`): one product over [k | qk | q | 0]
+        kin = tl.reshape(tl.permute(tl.join(tl.join(k, qk), tl.join(q, tl.zeros_like(q))), (0, 3, 2, 1)),
+                         [k.shape[0], 4 * k.shape[1]])
+        acc = dot(tl.trans(A), tl.trans(kin), tl.zeros([A.shape[1], k.shape[0]], tl.float32), DT, PRECISION)
+    else:
+        Ak, Ap, Aq = A
+        acc = tl.zeros([Ak.shape[0], k.shape[0]], tl.float32)
+        acc = dot(Ak, tl.trans(k), acc, DT, PRECISION)
+        acc = dot(Ap, tl.trans(qk), acc, DT, PRECISION)
+        acc = dot(Aq, tl.trans(q), acc, DT, PRECISION)
     x1 = acc + BS[0][:, None]
     h1 = _act_fm(x1, ACTS[0], ACT)
     kept1 = _saved(x1, h1, DT, ACT)
@@ -388,7 +453,7 @@ def _packed_fwd_kernel(
         rows, live, user, t, ok, k, q, qk, ends = _load_tile(
             r0, row_end, u_begin, u_end, offs_ptr, len_ptr, pos_ptr, q_ptr, k_ptr, B, T, NV, n_iter,
             stride_qb, stride_kb, stride_kt, BLOCK_M, BLOCK_D, D, JAGGED, POS_MAP, DT)
-        s, _kept, _h = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
+        s, _kept, _h = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION, False)
         carried = live & (user == carry_user)
         kf = k.to(tl.float32)
         last = tl.minimum(r0 + BLOCK_M, row_end) - 1  # the tile's last live row
@@ -543,9 +608,8 @@ def _packed_bwd_kernel(
     u_begin, u_end, row_begin, row_end = _own_users(len_ptr, offs_ptr, B, T, NV, BLOCK_B, JAGGED)
     A, WD, BS, ACTS, wo, bo = _load_mlp(W, BIAS, ACTP, SLOPE_STRIDE, HID, D, eps, BLOCK_D, BH, NUM_LAYERS, ACT,
                                         AFFINE, DT)
-    A, WD = _staged(A, WD, (part_ptr + tl.program_id(0).to(tl.int64) * part_stride).to(tl.pointer_type(DT)),
-                    NUM_LAYERS)
-    Ak, Ap, Aq = A
+    AS, WD = _staged(A, WD, (part_ptr + tl.program_id(0).to(tl.int64) * part_stride).to(tl.pointer_type(DT)),
+                     NUM_LAYERS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     lanes = tl.arange(0, BLOCK_M)
@@ -573,10 +637,10 @@ def _packed_bwd_kernel(
 
     # per-program accumulators: the first layer's S_k, S_p, U ([H1, D], nn.Linear layout) and db1,
     # then (dW^T, db, dact) of the deeper layers, the score layer's
-    S_k = tl.zeros(Ak.shape, tl.float32)
-    S_p = tl.zeros(Ak.shape, tl.float32)
-    U = tl.zeros(Ak.shape, tl.float32)
-    db1 = tl.zeros([Ak.shape[0]], tl.float32)
+    S_k = tl.zeros(A[0].shape, tl.float32)
+    S_p = tl.zeros(A[0].shape, tl.float32)
+    U = tl.zeros(A[0].shape, tl.float32)
+    db1 = tl.zeros([A[0].shape[0]], tl.float32)
     dact1 = (db1, db1, db1)
     grads2 = _zero_grads(BS[1], BH[0])
     grads3 = _zero_grads(BS[2], BH[1])
@@ -589,7 +653,7 @@ def _packed_bwd_kernel(
         rows, live, user, t, ok, k, q, qk, ends = _load_tile(
             r0, row_end, u_begin, u_end, offs_ptr, len_ptr, pos_ptr, q_ptr, k_ptr, B, T, NV, n_iter,
             stride_qb, stride_kb, stride_kt, BLOCK_M, BLOCK_D, D, JAGGED, POS_MAP, DT)
-        s, kept, h_top = _mlp_fwd(k, qk, q, A, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION)
+        s, kept, h_top = _mlp_fwd(k, qk, q, AS, WD, BS, ACTS, wo, bo, NUM_LAYERS, ACT, DT, PRECISION, True)
         kf = k.to(tl.float32)
         g = tl.load(go_ptr + user[:, None] * stride_gb + offs_d[None, :] * stride_gd, mask=ok, other=0.0)
         g = g.to(tl.float32)
@@ -619,17 +683,13 @@ def _packed_bwd_kernel(
         S_p = dot(G1, qk, S_p, DT, PRECISION)
         U = dot(G1, q, U, DT, PRECISION)
         db1 += tl.sum(G1, axis=1)
-        G1 = tl.trans(G1)  # [rows, H1]
-        zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        dxk = dot(G1, Ak, zeros, DT, PRECISION)
-        dxp = dot(G1, Ap, zeros, DT, PRECISION)
-        dxq = dot(G1, Aq, zeros, DT, PRECISION)
-        dk = dxk + q.to(tl.float32) * dxp + w[:, None] * g
+        dk_mlp, dq_rows = _input_grads_fm(AS, G1, q, kf, DT, PRECISION)
+        dk = tl.trans(dk_mlp) + w[:, None] * g
         tl.store(dk_ptr + user[:, None] * stride_dkb + t[:, None] * stride_dkt + offs_d[None, :], dk, mask=ok)
-        # dq_b = sum over the user's rows of G1 Aq + k * (G1 Ap): segmented, carried across tiles
+        # dq_b = the sum of dq_rows over the user's rows: segmented, carried across tiles
         carried = live & (user == carry_user)
         same = _same_user(user, u_begin, live)
-        dq = _segment_totals(same, dxq + kf * dxp, DT) + tl.where(carried[:, None], carry_dq[None, :], 0.0)
+        dq = tl.trans(_segment_totals_fm(same, dq_rows, DT)) + tl.where(carried[:, None], carry_dq[None, :], 0.0)
         tl.store(dq_ptr + user[:, None] * D + offs_d[None, :], dq, mask=ends[:, None] & dmask[None, :])
         last = tl.minimum(r0 + BLOCK_M, row_end) - 1
         carry_dq = _row_pick(dq, rows, last)
@@ -778,7 +838,7 @@ def packed_attention_backward(
     dim = query.shape[1]
     W, BIAS, ACTP, SLOPE = layer_tuples(weights, biases, act_tensors, activation)
     width = plan.grads.width
-    block = block_m or BLOCK_M
+    block = block_m or BLOCK_M_BWD
     programs = num_programs or _num_programs(device, n_values if rows.jagged else batch * seq_len, block, 1)
     dq = _new((batch, dim), query.dtype, device)
     dk = _new(keys.shape, keys.dtype, device)

@@ -342,10 +342,9 @@ def test_builds_for_sm90_with_wgmma_within_shared_memory(sm90_builds, case):
 
 # what ptxas spills today (bytes per thread, paper shape, bf16): the backward misses the 0-byte
 # target (docs/design.md, "What the sm_90 builds say"); strict, so a fix shows up as an unexpected pass
-SPILLING = {("paper", "bf16", False, "_packed_bwd_kernel"): "about 1.5 KB",
-            ("paper", "bf16", True, "_packed_bwd_kernel"): "about 1.5 KB",
-            ("paper-prelu", "bf16", False, "_packed_bwd_kernel"): "about 1.8 KB",
-            ("wide", "bf16", False, "_packed_fwd_kernel"): "160 B", ("wide", "bf16", False, "_packed_bwd_kernel"): "about 6 KB"}
+SPILLING = {("paper", "bf16", False, "_packed_bwd_kernel"): "100 B", ("paper", "bf16", True, "_packed_bwd_kernel"): "80 B",
+            ("paper-prelu", "bf16", False, "_packed_bwd_kernel"): "192 B",
+            ("wide", "bf16", False, "_packed_fwd_kernel"): "160 B", ("wide", "bf16", False, "_packed_bwd_kernel"): "about 2.4 KB"}
 SPILL_PARAMS = [pytest.param(case, kernel, id=f"{sm90_case_id(*case)}-{kernel}",
                              marks=[pytest.mark.xfail(strict=True, reason=f"spills {SPILLING[(*case, kernel)]}")]
                              if (*case, kernel) in SPILLING else [])
@@ -359,11 +358,12 @@ def test_no_spills_in_sm90_builds(sm90_builds, case, kernel):
 
 
 def test_dispatch_leaves_the_shapes_that_do_not_fit_to_the_per_user_kernels():
-    """The seed shape's backward (D=64, 256/128/64) needs 237568 B of shared memory in bf16 (an sm_90
-    build): more than an H200 block's, so the packed kernels do not take it; the paper shape fits."""
+    """The seed shape's backward (D=64, 256/128/64) needs 227328 B of shared memory in bf16 (an sm_90
+    build), 2% under an H200 block's 232448 B: closer than the fitted bound can tell (and a build by
+    another Triton may differ), so the packed kernels do not take it; the paper shape fits."""
     from fastdin.ops.attention_packed import H200_SHARED_BYTES, packed_gap, shared_memory_estimate
 
-    assert shared_memory_estimate(64, (256, 128, 64), torch.bfloat16) >= 237568 > H200_SHARED_BYTES
+    assert shared_memory_estimate(64, (256, 128, 64), torch.bfloat16) > H200_SHARED_BYTES > 227328
     weights = [torch.zeros(80, 128), torch.zeros(40, 80), torch.zeros(1, 40)]
     assert packed_gap(torch.zeros(2, 3, 32, dtype=torch.bfloat16), weights, "sigmoid", None) is None
     wide = [torch.zeros(256, 256), torch.zeros(128, 256), torch.zeros(64, 128), torch.zeros(1, 64)]

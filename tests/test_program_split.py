@@ -62,7 +62,7 @@ def test_attention_split_independent(monkeypatch, setup):
 
 
 PACKED_SETUPS = [AttentionSetup("prelu", None, batch=5, seq_len=20), AttentionSetup("prelu", "softmax", batch=5, seq_len=20)]
-PACKED_SPLITS = [(1, 16), (3, 16), (2, 32)]  # (programs, BLOCK_M): users cut by tile and program boundaries
+PACKED_SPLITS = [(1, 16), (3, 16), (2, 32)]  # (programs, BLOCK_M and BLOCK_M_BWD): users cut by tile and program boundaries
 
 
 @pytest.mark.parametrize("setup", PACKED_SETUPS, ids=str)
@@ -78,6 +78,7 @@ def test_packed_split_independent(monkeypatch, setup):
     results = {}
     for programs, block_m in PACKED_SPLITS:
         monkeypatch.setattr(packed_kernels, "BLOCK_M", block_m)
+        monkeypatch.setattr(packed_kernels, "BLOCK_M_BWD", block_m)
         monkeypatch.setattr(packed_kernels, "_num_programs", lambda device, rows, block, per_sm: programs)
         got = run_attention(setup, *lay_out(values, "contiguous", torch.float32), "triton")
         assert_within_policy(got, want, same_dtype, torch.float32, zero_at, f"({setup}, split {programs}/{block_m})")

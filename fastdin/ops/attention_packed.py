@@ -36,14 +36,15 @@ def _block(n: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
-    """Bytes of shared memory the backward program (the larger) needs on sm_90: its weights in the
-    compute dtype (read back from its partials row, `_staged` in the kernels), and the 64-row tiles staged
-    for the products' B operands (the keys, the feature-major hidden tiles). A bound fitted to ptxas
-    builds for sm_90 of eleven shapes (bf16, D from 16 to 128, one to three hidden layers; D=32 80/40:
-    69632 B, D=64 256/128/64: 237568 B), 5-15% above each."""
+    """Bytes of shared memory the larger of the two programs needs on sm_90: the weights in the compute
+    dtype (the backward stacks its first layer, `_stacked_first_layer` in the kernels, and reads them
+    back from its partials row, `_staged`) and the tiles staged for the products' B operands (the
+    keys, the feature-major hidden tiles). A bound fitted to ptxas builds for sm_90 of twelve shapes
+    (bf16, D from 16 to 128, one to three hidden layers; D=32 80/40: 57344 B, D=64 256/128/64:
+    227328 B), 6-25% above the larger program of each."""
     blocks = [_block(h) for h in hidden]
     weights = 3 * _block(dim) * blocks[0] + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
-    elements = 5 * weights // 4 + 8 * sum(blocks) + 208 * _block(dim)
+    elements = 5 * weights // 4 + 8 * sum(blocks) + 128 * _block(dim)
     return elements * (4 if dtype == torch.float32 else 2) + 8192
 
 
