@@ -37,6 +37,12 @@ timeout 100 python3 -m pytest -q tests --ignore=tests/test_sm90_builds.py -k "no
 echo "tests rc=$?"
 tail -3 "$OUT/tests.log"
 
+step "packed backward tile sizes"
+# BLOCK_M_BWD was chosen from sm_90 builds (spills); this weighs it against the per-tile work
+timeout 50 python3 bench/packed_tiles.py --rounds 2 --out-dir "$OUT" > "$OUT/packed-tiles.log" 2>&1
+echo "packed tiles rc=$?"
+cat "$OUT/packed-tiles.log"
+
 step "error per dtype, bf16 included"
 timeout 40 python3 bench/accuracy.py > "$OUT/accuracy.txt" 2>&1
 echo "accuracy rc=$?"
@@ -59,7 +65,7 @@ timeout 60 python3 -m fastdin.bench --dtypes bf16,fp32 --no-compile --out-dir "$
     --cases sweep-T50,sweep-T100,sweep-T200,sweep-T500,sweep-T1000 > "$OUT/bench-sweep.log" 2>&1
 echo "bench sweep rc=$?"
 step "bench fp32"
-timeout 60 python3 -m fastdin.bench --dtypes fp32 --no-compile --no-sweep --max-minutes 0.8 --out-dir "$OUT" \
+timeout 50 python3 -m fastdin.bench --dtypes fp32 --no-compile --no-sweep --max-minutes 0.65 --out-dir "$OUT" \
     > "$OUT/bench-fp32.log" 2>&1
 echo "bench fp32 rc=$?"
 
