@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastdin.kernels.launch import ceil_div, multiprocessors
 from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, GradLayout, act_bwd, act_fwd, block, dot,
                                  grad_layout, layer_tuples, load_act, load_vec, store_partials, sum_partials)
 
@@ -283,9 +284,9 @@ def _staged(A, WD, ptr, NUM_LAYERS: tl.constexpr):
     memory, once (sm_90 builds of the backward at the paper shape, 64-row tiles: 1612 -> 1484 B of
     spills, 110592 -> 69632 B of shared memory)."""
     first = ptr
-    for block in tl.static_range(3):
-        tl.store(ptr + _tile_offsets(A[block]), A[block])
-        ptr += A[block].shape[0] * A[block].shape[1]
+    for i in tl.static_range(3):
+        tl.store(ptr + _tile_offsets(A[i]), A[i])
+        ptr += A[i].shape[0] * A[i].shape[1]
     w2, w3, w4 = WD
     if NUM_LAYERS >= 2:
         w2, ptr = _through_memory(w2, ptr)
@@ -740,8 +741,7 @@ def packed_rows(lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
 def _num_programs(device: torch.device, rows_bound: int, block_m: int, per_sm: int) -> int:
     if device.type != "cuda":
         return 2  # the interpreter pays ~1 ms per program instance
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(sms * per_sm, triton.cdiv(max(rows_bound, 1), block_m)))
+    return max(1, min(multiprocessors(device) * per_sm, ceil_div(max(rows_bound, 1), block_m)))
 
 
 class _Plan(NamedTuple):

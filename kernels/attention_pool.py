@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import _merge_stat_partials, chan_merge, update_running_stats
+from fastdin.kernels.launch import ceil_div, multiprocessors, next_power_of_2
 from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, act_bwd, act_fwd, block, dot, grad_layout,
                                  layer_tuples, load_act, load_vec, store_partials, store_vector, sum_partials)
 
@@ -547,8 +548,7 @@ def shared_memory_estimate(dim: int, hidden: Tuple[int, ...], dtype: torch.dtype
 def _num_programs(batch: int, device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return max(1, min(batch, 2))  # the interpreter pays ~1 ms per program instance
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(batch, sms * per_sm))
+    return max(1, min(batch, multiprocessors(device) * per_sm))
 
 
 def _pick_block_t(seq_len: int, widths: Sequence[int], budget: int) -> int:
@@ -673,9 +673,9 @@ def attention_dice_batch_stats(
         )
         block_h = min(block(width), 64)
         running_mean, running_var = act[layer * per_layer + 1], act[layer * per_layer + 2]
-        _dice_batch_stats_kernel[(triton.cdiv(width, block_h),)](
+        _dice_batch_stats_kernel[(ceil_div(width, block_h),)](
             parts, programs, width, stats[layer], h_max, running_mean, running_var, float(momenta[layer]),
-            BLOCK_P=min(triton.next_power_of_2(programs), max(1, 4096 // block_h)), BLOCK_H=block_h,
+            BLOCK_P=min(next_power_of_2(programs), max(1, 4096 // block_h)), BLOCK_H=block_h,
         )
         # the passes for the layers above normalise this one with its batch statistics
         act[layer * per_layer + 1] = stats[layer, 0, :width]

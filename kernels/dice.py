@@ -21,12 +21,13 @@ Launches, each over a grid of (row programs, feature blocks):
 The jit helpers `chan_merge`, `dice_gate` and `dice_grads` hold the math and are meant for reuse by
 kernels that apply Dice to a tile they computed themselves (the attention unit).
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from fastdin.kernels.launch import ceil_div, multiprocessors, next_power_of_2
 
 # ---------------------------------------------------------------------------------------------
 # math pieces (fp32 tiles)
@@ -319,11 +320,6 @@ def _dice_bwd_dx_kernel(
 # launchers
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _row_view(t: torch.Tensor):
     """(rows_per_outer, stride_outer, stride_inner) reading [N, H] or [B, T, H] in place as rows."""
     if t.dim() == 2:
@@ -336,24 +332,24 @@ class _Grid:
 
     def __init__(self, n_rows: int, n_feat: int, device: torch.device, block_rows: Optional[int],
                  block_features: Optional[int], row_programs: Optional[int]):
-        self.block_h = block_features or min(triton.next_power_of_2(n_feat), 128)
+        self.block_h = block_features or min(next_power_of_2(n_feat), 128)
         self.block_r = block_rows or max(16, 4096 // self.block_h)
-        self.feature_blocks = triton.cdiv(n_feat, self.block_h)
-        chunks = max(1, triton.cdiv(n_rows, self.block_r))
+        self.feature_blocks = ceil_div(n_feat, self.block_h)
+        chunks = max(1, ceil_div(n_rows, self.block_r))
         if row_programs is None:
             # about one program per SM: enough to stream memory, while the partials every program
             # merges (row programs x feature blocks) stay small; the interpreter pays per program
             on_gpu = device.type == "cuda"
-            row_programs = max(1, _multiprocessors(device.index) // self.feature_blocks) if on_gpu else 4
-        chunks_per_prog = triton.cdiv(chunks, max(1, min(row_programs, chunks)))
+            row_programs = max(1, multiprocessors(device) // self.feature_blocks) if on_gpu else 4
+        chunks_per_prog = ceil_div(chunks, max(1, min(row_programs, chunks)))
         self.rows_per_prog = chunks_per_prog * self.block_r
-        self.row_programs = max(1, triton.cdiv(n_rows, self.rows_per_prog))
+        self.row_programs = max(1, ceil_div(n_rows, self.rows_per_prog))
         self.grid = (self.row_programs, self.feature_blocks)
         # 8 warps for the 4096-element row tiles keeps the several live fp32 tiles of the backward
         # in registers (the warp rule of thumb of Liger-Kernel's calculate_settings); not tuned on a GPU
         self.num_warps = 8 if self.block_r * self.block_h >= 2048 else 4
         # partials merged per step; a power of 2 that bounds the tile to about 4096 elements
-        self.block_p = min(triton.next_power_of_2(self.row_programs), max(1, 4096 // self.block_h))
+        self.block_p = min(next_power_of_2(self.row_programs), max(1, 4096 // self.block_h))
         self.blocks = {"BLOCK_R": self.block_r, "BLOCK_H": self.block_h, "num_warps": self.num_warps}
 
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdin.kernels.launch import ceil_div, next_power_of_2
+
 BLOCK_IDS = 16  # sorted ids per program
 MAX_BLOCK_DIM = 128  # columns per inner step; wider rows loop
 
@@ -58,8 +60,8 @@ def mba_scatter_(grad: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, co
     if num_ids == 0:
         return grad
     dim = weight.shape[1]
-    block_dim = min(MAX_BLOCK_DIM, triton.next_power_of_2(max(dim, 1)))
-    grid = (triton.cdiv(num_ids, BLOCK_IDS),)
+    block_dim = min(MAX_BLOCK_DIM, next_power_of_2(max(dim, 1)))
+    grid = (ceil_div(num_ids, BLOCK_IDS),)
     _mba_scatter_kernel[grid](
         sorted_ids, num_ids, weight, grad, counts, float(lam), dim,
         -1 if padding_idx is None else int(padding_idx),

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import dice_gate, dice_grads
+from fastdin.kernels.launch import ceil_div, next_power_of_2
 
 ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 MAX_HIDDEN_LAYERS = 4
@@ -27,7 +28,7 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfl
 
 def block(n: int) -> int:
     """A tile dimension for n: a power of two, and >= 16 (tl.dot needs every dimension >= 16)."""
-    return max(16, triton.next_power_of_2(max(n, 1)))
+    return max(16, next_power_of_2(n))
 
 
 def layer_tuples(weights: Sequence, biases: Sequence, act_tensors: Sequence[Sequence], activation: str):
@@ -171,7 +172,7 @@ def sum_partials(parts: Tensor, layout: GradLayout, weights: Sequence[Tensor], b
     trained = [t for layer in act_tensors for i, t in enumerate(layer) if activation == "prelu" or i in (0, 3, 4)]
     params = [*weights, *biases, *trained]
     flat = torch.empty(layout.width, dtype=torch.float32, device=parts.device)
-    sum_partials_kernel[(triton.cdiv(layout.width, REDUCE_BLOCK),)](parts, flat, parts.shape[0], parts.stride(0),
+    sum_partials_kernel[(ceil_div(layout.width, REDUCE_BLOCK),)](parts, flat, parts.shape[0], parts.stride(0),
                                                                     layout.width, BLOCK=REDUCE_BLOCK)
     grads = []
     for (shape, stride, offset), p in zip(layout.entries, params):

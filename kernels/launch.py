@@ -1,0 +1,31 @@
+"""Host-side arithmetic and device facts for the launchers, in plain Python.
+
+triton.cdiv and triton.next_power_of_2 are constexpr functions in Triton >= 3.5: called from host
+code each costs about 5 us (this 2-core machine), more than a launch path's whole budget allows for
+a few of them. torch.cuda.get_device_properties is looked up once per device.
+
+Only host code lives here: no kernels, no autograd.
+"""
+import functools
+
+import torch
+
+
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up (b > 0)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The SM count of a CUDA device."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
