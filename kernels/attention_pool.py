@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdin.kernels.dice import _merge_stat_partials, chan_merge, update_running_stats
+from fastdin.kernels.dice import chan_merge, merge_stat_partials, update_running_stats
 from fastdin.kernels.launch import ceil_div, multiprocessors, next_power_of_2
 from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, act_bwd, act_fwd, block, dot, grad_layout,
                                  layer_tuples, load_act, load_vec, store_partials, store_vector, sum_partials)
@@ -364,7 +364,7 @@ def _dice_batch_stats_kernel(part_ptr, n_parts, n_feat, stats_ptr, h_max, run_me
     nn.BatchNorm1d does (momentum, unbiased variance), on the device."""
     feats = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = feats < n_feat
-    count, mean, m2 = _merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
+    count, mean, m2 = merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
     count = tl.where(ok, count, 2.0)  # lanes past H are never stored: keep their math finite
     var = m2 / count
     tl.store(stats_ptr + feats, mean, mask=ok)

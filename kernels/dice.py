@@ -122,7 +122,7 @@ def _load_stats(stats_ptr, feats, n_feat):
 
 
 @triton.jit
-def _merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+def merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
     """(count, mean, M2) of all rows from the [3, n_parts, H] partials, BLOCK_P partials at a time.
 
     Fixed order, so every program gets the same bits. Within a block the parallel formula
@@ -206,7 +206,7 @@ def _dice_fwd_kernel(
     if TRAINING:
         # every program merges the (few) partials of its feature block in the same order, so all
         # agree bit for bit and no extra launch or grid-wide sync is needed
-        count, mean, m2 = _merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
+        count, mean, m2 = merge_stat_partials(part_ptr, n_parts, n_feat, feats, BLOCK_P, BLOCK_H)
         count = tl.where(feat_ok, count, 2.0)  # lanes past H are never stored: keep their math finite
         var = m2 / count
     else:
