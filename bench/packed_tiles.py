@@ -12,7 +12,6 @@ Run on a CUDA machine: python bench/packed_tiles.py [--out-dir DIR]; appends to 
 checks the script, and times nothing worth keeping (no CSV).
 """
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -24,6 +23,7 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from fastdin.bench import report  # noqa: E402
 from fastdin.bench.measure import Budget, device_name, median_ms  # noqa: E402
 from fastdin.kernels import attention_packed as packed  # noqa: E402
 
@@ -97,17 +97,10 @@ def main():
                 h="/".join(map(str, shape["hidden"])), **shape), dtype=str(dtype).replace("torch.", ""),
                 lengths=lengths, block_m=size, median_ms=round(ms, 5), vs_fastest=round(ms / fastest, 3)))
         if not args.smoke:  # each case as it ends: a timeout keeps what was measured
-            append_rows(os.path.join(args.out_dir, "packed_tiles.csv"), rows)
-
-
-def append_rows(path, rows):
-    new_file = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {path}")
+            path = os.path.join(args.out_dir, "packed_tiles.csv")
+            report.check_csv(path, list(rows[0]))
+            report.append_csv(path, rows, list(rows[0]))
+            print(f"appended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":
