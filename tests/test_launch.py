@@ -1,0 +1,25 @@
+"""The launchers' host arithmetic (kernels/launch.py) agrees with Triton's own helpers, which it
+replaces because they cost about 5 us per host call."""
+import pytest
+import torch
+import triton
+
+from fastdin.kernels.launch import ceil_div, multiprocessors, next_power_of_2
+
+
+def test_ceil_div_matches_triton():
+    for a in list(range(0, 70)) + [2**31 - 1, 2**31, 2**40 + 3]:
+        for b in (1, 2, 3, 16, 17, 1024):
+            assert ceil_div(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_next_power_of_2_matches_triton():
+    for n in list(range(1, 300)) + [2**31 - 1, 2**31, 2**31 + 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    assert next_power_of_2(0) == 1  # a tile size: triton's gives 0, which no block size can be
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_multiprocessors_is_the_device_count():
+    device = torch.device("cuda")
+    assert multiprocessors(device) == torch.cuda.get_device_properties(device).multi_processor_count
