@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdin.kernels.launch import ceil_div, multiprocessors
-from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, GradLayout, act_bwd, act_fwd, block, dot,
+from fastdin.kernels.launch import block, ceil_div, multiprocessors
+from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, GradLayout, act_bwd, act_fwd, dot,
                                  grad_layout, layer_tuples, load_act, load_vec, store_partials, sum_partials)
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.
@@ -759,7 +759,7 @@ def _plan(dim: int, hidden: tuple, dtype: torch.dtype, activation: str, affine: 
           slope_sizes: tuple) -> _Plan:
     padded = tuple(block(h) for h in hidden) + (16,) * (MAX_HIDDEN_LAYERS - len(hidden))
     layout = grad_layout(dim, hidden, activation, affine, slope_sizes)
-    staged_floats = -(-staged_elements(block(dim), padded[:len(hidden)]) * dtype.itemsize // 4)  # rounded up
+    staged_floats = ceil_div(staged_elements(block(dim), padded[:len(hidden)]) * dtype.itemsize, 4)
     meta = dict(BLOCK_D=block(dim), BH=padded, NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,
                 DT=TRITON_DTYPES[dtype], PRECISION="tf32" if tf32 else "ieee")
     return _Plan(meta, hidden + (1,) * (MAX_HIDDEN_LAYERS - len(hidden)),

@@ -32,8 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import chan_merge, merge_stat_partials, update_running_stats
-from fastdin.kernels.launch import ceil_div, multiprocessors, next_power_of_2
-from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, act_bwd, act_fwd, block, dot, grad_layout,
+from fastdin.kernels.launch import block, ceil_div, multiprocessors, next_power_of_2
+from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, act_bwd, act_fwd, dot, grad_layout,
                                  layer_tuples, load_act, load_vec, store_partials, store_vector, sum_partials)
 
 # Tests set this so every output and partial starts as NaN: an element a kernel fails to write fails.

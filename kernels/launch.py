@@ -4,7 +4,7 @@ triton.cdiv and triton.next_power_of_2 are constexpr functions in Triton >= 3.5:
 code each costs about 5 us (this 2-core machine), more than a launch path's whole budget allows for
 a few of them. torch.cuda.get_device_properties is looked up once per device.
 
-Only host code lives here: no kernels, no autograd.
+Only host code lives here (torch, no triton: the ops layer imports it too): no kernels, no autograd.
 """
 import functools
 
@@ -19,6 +19,11 @@ def ceil_div(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def block(n: int) -> int:
+    """A tile dimension for n: a power of two, and >= 16 (tl.dot needs every dimension >= 16)."""
+    return max(16, next_power_of_2(n))
 
 
 @functools.lru_cache(maxsize=None)

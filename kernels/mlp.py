@@ -19,16 +19,11 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import dice_gate, dice_grads
-from fastdin.kernels.launch import ceil_div, next_power_of_2
+from fastdin.kernels.launch import ceil_div
 
 ACT_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 MAX_HIDDEN_LAYERS = 4
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def block(n: int) -> int:
-    """A tile dimension for n: a power of two, and >= 16 (tl.dot needs every dimension >= 16)."""
-    return max(16, next_power_of_2(n))
 
 
 def layer_tuples(weights: Sequence, biases: Sequence, act_tensors: Sequence[Sequence], activation: str):
@@ -173,7 +168,7 @@ def sum_partials(parts: Tensor, layout: GradLayout, weights: Sequence[Tensor], b
     params = [*weights, *biases, *trained]
     flat = torch.empty(layout.width, dtype=torch.float32, device=parts.device)
     sum_partials_kernel[(ceil_div(layout.width, REDUCE_BLOCK),)](parts, flat, parts.shape[0], parts.stride(0),
-                                                                    layout.width, BLOCK=REDUCE_BLOCK)
+                                                                 layout.width, BLOCK=REDUCE_BLOCK)
     grads = []
     for (shape, stride, offset), p in zip(layout.entries, params):
         g = flat.as_strided(shape, stride, offset)

@@ -275,8 +275,8 @@ def test_training_step_makes_three_device_launches(activation, monkeypatch):
 SM90_SHAPES = {"paper": (32, (80, 40), "sigmoid"), "paper-prelu": (32, (80, 40), "prelu"),
                "wide": (32, (256, 128), "sigmoid"), "seed": (64, (256, 128, 64), "prelu")}
 SM90_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# the variants the dispatch launches (fastdin.ops.attention_packed.packed_gap): the seed shape needs
-# more shared memory than a block has, fp32 on CUDA stays on the per-user kernels
+# the variants the dispatch launches (fastdin.ops.attention_packed.packed_gap): the seed shape builds
+# too close to a block's shared memory for the fitted bound, fp32 on CUDA stays on the per-user kernels
 SM90_CASES = [("paper", "bf16", False), ("paper", "bf16", True), ("paper-prelu", "bf16", False),
               ("wide", "bf16", False)]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import triton
 
-from fastdin.kernels.launch import ceil_div, multiprocessors, next_power_of_2
+from fastdin.kernels.launch import block, ceil_div, multiprocessors, next_power_of_2
 
 
 def test_ceil_div_matches_triton():
@@ -17,6 +17,11 @@ def test_next_power_of_2_matches_triton():
     for n in list(range(1, 300)) + [2**31 - 1, 2**31, 2**31 + 1]:
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
     assert next_power_of_2(0) == 1  # a tile size: triton's gives 0, which no block size can be
+
+
+def test_block_is_a_power_of_2_of_at_least_16():
+    for n in range(0, 300):
+        assert block(n) == max(16, triton.next_power_of_2(max(n, 1))), n
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastdin.kernels.launch import block
 from fastdin.ops.backend import shared_memory_limit
 
 H200_SHARED_BYTES = 232448  # the most shared memory one block may use on an H100/H200 (227 KiB)
@@ -30,10 +31,6 @@ def _kernels():
     return _KERNELS[0]
 
 
-def _block(n: int) -> int:
-    return max(16, 1 << max(n - 1, 0).bit_length())
-
-
 @functools.lru_cache(maxsize=None)
 def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
     """Bytes of shared memory the larger of the two programs needs on sm_90: the weights in the compute
@@ -42,9 +39,9 @@ def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
     keys, the feature-major hidden tiles). A bound fitted to ptxas builds for sm_90 of twelve shapes
     (bf16, D from 16 to 128, one to three hidden layers; D=32 80/40: 57344 B, D=64 256/128/64:
     227328 B), 6-25% above the larger program of each."""
-    blocks = [_block(h) for h in hidden]
-    weights = 3 * _block(dim) * blocks[0] + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
-    elements = 5 * weights // 4 + 8 * sum(blocks) + 128 * _block(dim)
+    blocks = [block(h) for h in hidden]
+    weights = 3 * block(dim) * blocks[0] + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
+    elements = 5 * weights // 4 + 8 * sum(blocks) + 128 * block(dim)
     return elements * (4 if dtype == torch.float32 else 2) + 8192
 
 
