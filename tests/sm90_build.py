@@ -7,6 +7,8 @@ then bound and specialised by Triton's own binder, as a real launch is (argument
 alignment, divisibility by 16), and compiled for sm_90 with Triton's compiler and the ptxas that
 ships with the wheel. Nothing runs on a device, so the inputs need no values.
 
+`--arch 80` (or 89, ...) builds for another GPU instead: an A100 or an L4 lowers the products to
+mma.sync, not wgmma, and needs other amounts of shared memory.
 The interpreter replaces @triton.jit functions with its own, so this must run with TRITON_INTERPRET
 off, and the tests call it in a subprocess (`run_in_subprocess`):
 
@@ -100,8 +102,9 @@ def _ptxas_usage(ptx: str, arch: str) -> Build:
 _BUILT: Dict[str, Build] = {}  # by kernel and specialisation: cases often repeat a launch
 
 
-def compile_launch(launch: Launch) -> Build:
-    """Compile one recorded launch for sm_90 exactly as a launch on an H100/H200 would, without running it."""
+def compile_launch(launch: Launch, arch: int = 90) -> Build:
+    """Compile one recorded launch for sm_90 (or sm_<arch>: 80 for an A100, 89 for an L4) exactly as a
+    launch on that GPU would, without running it."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -109,7 +112,7 @@ def compile_launch(launch: Launch) -> Build:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kernel = launch.kernel
     # what JITFunction.run adds before binding
@@ -118,7 +121,7 @@ def compile_launch(launch: Launch) -> Build:
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    key = repr((kernel.__name__, signature, constants, attrs, options))
+    key = repr((arch, kernel.__name__, signature, constants, attrs, options))
     if key not in _BUILT:
         compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
                                   options=options.__dict__)
@@ -129,7 +132,7 @@ def compile_launch(launch: Launch) -> Build:
     return _BUILT[key]
 
 
-def build_launches(call: Callable[[], object]) -> Dict[str, object]:
+def build_launches(call: Callable[[], object], arch: int = 90) -> Dict[str, object]:
     """{kernel name: Build, or the error text when it fails to compile} for every launch `call()` makes.
 
     A kernel launched again with another specialisation gets `name#2`, `name#3`, ...
@@ -142,18 +145,18 @@ def build_launches(call: Callable[[], object]) -> Dict[str, object]:
             n += 1
             key = f"{name}#{n}"
         try:
-            results[key] = compile_launch(launch)
+            results[key] = compile_launch(launch, arch)
         except Exception as error:  # any compiler or ptxas failure is this launch's result
             results[key] = f"{type(error).__name__}: {str(error)[-3000:]}"
     return results
 
 
-def run_in_subprocess(cases: str, timeout: float = 900) -> dict:
+def run_in_subprocess(cases: str, timeout: float = 900, arch: int = 90) -> dict:
     """Run this script on `cases` ("module:function", importable from tests/) with the interpreter
-    off; returns its JSON result. Raises RuntimeError with the child's stderr if it fails."""
+    off, for sm_<arch>; returns its JSON result. Raises RuntimeError with the child's stderr if it fails."""
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="0")  # conftest sets it to 1 on a machine without a GPU
-    done = subprocess.run([sys.executable, os.path.join(tests, "sm90_build.py"), cases], env=env,
+    done = subprocess.run([sys.executable, os.path.join(tests, "sm90_build.py"), cases, "--arch", str(arch)], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(tests))
     if done.returncode != 0:
         raise RuntimeError(f"sm90_build.py {cases} failed:\n{done.stderr[-5000:]}")
@@ -164,7 +167,7 @@ CSV_COLUMNS = ["date", "target", "triton", "cases", "case", "kernel", "shared", 
                "spill_loads", "wgmma", "mma_sync", "error"]
 
 
-def append_csv(path: str, cases: str, results: dict) -> None:
+def append_csv(path: str, cases: str, results: dict, arch: int = 90) -> None:
     """One row per case and kernel of `results` (main's "cases"), appended to the CSV at path."""
     import datetime
 
@@ -173,7 +176,7 @@ def append_csv(path: str, cases: str, results: dict) -> None:
     from fastdin.bench.report import append_csv as append
 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = [dict(date=stamp, target="sm_90a", triton=triton.__version__, cases=cases, case=case, kernel=kernel,
+    rows = [dict(date=stamp, target="sm_90a" if arch == 90 else f"sm_{arch}", triton=triton.__version__, cases=cases, case=case, kernel=kernel,
                  **build) for case, kernels in results.items() for kernel, build in kernels.items()]
     append(path, rows, CSV_COLUMNS)
 
@@ -184,6 +187,7 @@ def main(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(description="Build a module's kernels for sm_90 without a GPU.")
     parser.add_argument("cases", help="MODULE:FUNCTION, importable from tests/")
     parser.add_argument("--csv", help="also append the builds to this CSV")
+    parser.add_argument("--arch", type=int, default=90, help="the GPU's compute capability: 90 (default), 80, 89, ...")
     args = parser.parse_args(argv)
     # before the case module imports conftest, whose default turns the interpreter on where no GPU is
     os.environ.setdefault("TRITON_INTERPRET", "0")
@@ -198,7 +202,7 @@ def main(argv: List[str]) -> None:
         start = time.perf_counter()
         # the compiler prints failures to stdout too: keep stdout for the one JSON line
         with contextlib.redirect_stdout(sys.stderr):
-            builds = build_launches(call)
+            builds = build_launches(call, args.arch)
         seconds[case] = round(time.perf_counter() - start, 2)
         results[case] = {k: b._asdict() if isinstance(b, Build) else {"error": b} for k, b in builds.items()}
         for kernel, b in builds.items():
@@ -207,15 +211,15 @@ def main(argv: List[str]) -> None:
                      if isinstance(b, Build) else "FAILED: " + b.splitlines()[0])
             print(f"{case:40s} {kernel:26s} {usage}", file=sys.stderr)
     if args.csv:
-        append_csv(args.csv, args.cases, results)
+        append_csv(args.csv, args.cases, results, args.arch)
     print(json.dumps({"cases": results, "seconds": seconds}))
 
 
-def builds_or_skip(target: str) -> dict:
+def builds_or_skip(target: str, arch: int = 90) -> dict:
     """The builds of run_in_subprocess(target) by case, or a pytest skip saying why sm_90 cannot be built here."""
     import pytest
 
-    result = run_in_subprocess(target)
+    result = run_in_subprocess(target, arch=arch)
     if "unavailable" in result:
         pytest.skip(result["unavailable"])
     return result["cases"]
