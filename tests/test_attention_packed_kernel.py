@@ -273,7 +273,16 @@ def test_training_step_makes_three_device_launches(activation, monkeypatch):
 # compiler and the ptxas of the wheel, no GPU needed, at the design notes' shapes
 
 SM90_SHAPES = {"paper": (32, (80, 40), "sigmoid"), "paper-prelu": (32, (80, 40), "prelu"),
-               "wide": (32, (256, 128), "sigmoid"), "seed": (64, (256, 128, 64), "prelu")}
+               "wide": (32, (256, 128), "sigmoid"), "seed": (64, (256, 128, 64), "prelu"),
+               "d64": (64, (80, 40), "sigmoid")}
+# the twelve shapes fastdin.ops.attention_packed.shared_memory_estimate is fitted to, for
+# `python tests/sm90_build.py test_attention_packed_kernel:fit_cases [--arch 80]` (not a test)
+FIT_SHAPES = {f"fit-D{dim}-H{'x'.join(map(str, hidden))}": (dim, hidden, activation) for dim, hidden, activation in [
+    (32, (80, 40), "sigmoid"), (64, (80, 40), "sigmoid"), (16, (80, 40), "sigmoid"), (32, (256, 128), "sigmoid"),
+    (64, (256, 128, 64), "prelu"), (64, (200, 80), "sigmoid"), (32, (200, 80, 40), "sigmoid"),
+    (32, (128, 64), "sigmoid"), (16, (32,), "sigmoid"), (16, (64, 32), "sigmoid"), (32, (64, 32), "sigmoid"),
+    (128, (80, 40), "sigmoid")]}
+SM90_SHAPES.update(FIT_SHAPES)
 SM90_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # the variants the dispatch launches (fastdin.ops.attention_packed.packed_gap): the seed shape builds
 # too close to a block's shared memory for the fitted bound, fp32 on CUDA stays on the per-user kernels
@@ -309,6 +318,10 @@ def _sm90_call(shape, dtype, softmax):
 def sm90_cases():
     """{case id: call} for sm90_build.py."""
     return {sm90_case_id(*case): _sm90_call(*case) for case in SM90_CASES}
+
+
+def fit_cases():
+    return {sm90_case_id(name, "bf16", False): _sm90_call(name, "bf16", False) for name in FIT_SHAPES}
 
 
 
@@ -355,6 +368,62 @@ SPILL_PARAMS = [pytest.param(case, kernel, id=f"{sm90_case_id(*case)}-{kernel}",
 def test_no_spills_in_sm90_builds(sm90_builds, case, kernel):
     build = sm90_builds[sm90_case_id(*case)][kernel]
     assert build["spill_stores"] == 0 and build["spill_loads"] == 0, build
+
+
+# sm_80 builds (an A100's; an L4's sm_89 builds need the same shared memory): mma.sync, not wgmma,
+# and about twice the shared memory in the backward. bytes of the backward, as ptxas put them
+SM80_BWD_SHARED_BYTES = {"paper": 106496, "d64": 172032}
+SM80_CASES = [("paper", "bf16", False), ("d64", "bf16", False)]
+A100_SHARED_BYTES, L4_SHARED_BYTES = 166912, 101376  # per block, opted in: sm_80, sm_86/sm_89
+
+
+def sm80_cases():
+    """{case id: call} for `sm90_build.py --arch 80`."""
+    return {sm90_case_id(*case): _sm90_call(*case) for case in SM80_CASES}
+
+
+@pytest.fixture(scope="module")
+def sm80_builds():
+    import sm90_build
+
+    return sm90_build.builds_or_skip("test_attention_packed_kernel:sm80_cases", arch=80)
+
+
+@pytest.mark.parametrize("case", SM80_CASES, ids=[sm90_case_id(*c) for c in SM80_CASES])
+def test_sm80_builds_within_the_mma_sync_estimate(sm80_builds, case):
+    """The estimate for GPUs without wgmma bounds the sm_80 builds, within 25%, and tells the A100 and
+    the L4 apart as the builds do."""
+    from fastdin.ops.attention_packed import shared_memory_estimate
+
+    builds = sm80_builds[sm90_case_id(*case)]
+    assert not {name: b["error"] for name, b in builds.items() if "error" in b}
+    assert set(builds) == PACKED_KERNELS
+    dim, hidden, _ = SM90_SHAPES[case[0]]
+    needed = max(b["shared"] for b in builds.values())
+    assert builds["_packed_bwd_kernel"]["shared"] == needed == SM80_BWD_SHARED_BYTES[case[0]]
+    estimate = shared_memory_estimate(dim, hidden, torch.bfloat16, wgmma=False)
+    assert needed <= estimate <= 1.25 * needed
+    for limit in (A100_SHARED_BYTES, L4_SHARED_BYTES):
+        assert (estimate <= limit) == (needed <= limit), limit
+    for name in ("_packed_fwd_kernel", "_packed_bwd_kernel"):
+        assert builds[name]["wgmma"] == 0 and builds[name]["mma_sync"] > 0, (name, builds[name])
+
+
+def test_dispatch_follows_the_gpu(monkeypatch):
+    """The paper shape runs packed on an H200 and an A100 but not on an L4 (its sm_80 backward needs
+    106496 B, the L4 allows 101376 B); D=64 80/40 (172032 B) runs packed on an H200 only."""
+    from fastdin.ops import attention_packed as ops
+
+    def gap(limit, wgmma, dim):
+        monkeypatch.setattr(ops, "shared_memory_limit", lambda device: limit)
+        monkeypatch.setattr(ops, "has_wgmma", lambda device: wgmma)
+        weights = [torch.zeros(80, 4 * dim), torch.zeros(40, 80), torch.zeros(1, 40)]
+        return ops.packed_gap(torch.zeros(2, 3, dim, dtype=torch.bfloat16), weights, "sigmoid", None)
+
+    assert gap(ops.H200_SHARED_BYTES, True, 32) is None and gap(ops.H200_SHARED_BYTES, True, 64) is None
+    assert gap(A100_SHARED_BYTES, False, 32) is None
+    assert "shared memory" in gap(A100_SHARED_BYTES, False, 64)
+    assert "shared memory" in gap(L4_SHARED_BYTES, False, 32)
 
 
 def test_dispatch_leaves_the_shapes_that_do_not_fit_to_the_per_user_kernels():

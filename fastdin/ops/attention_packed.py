@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from fastdin.kernels.launch import block
-from fastdin.ops.backend import shared_memory_limit
+from fastdin.ops.backend import LAUNCH_REFUSED, has_wgmma, record_refusal, refusal, shared_memory_limit
 
 H200_SHARED_BYTES = 232448  # the most shared memory one block may use on an H100/H200 (227 KiB)
+FAMILY = "packed-rows"  # in fastdin.ops.backend's record of refused programs
 
 
 _KERNELS = []
@@ -32,17 +33,23 @@ def _kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype) -> int:
-    """Bytes of shared memory the larger of the two programs needs on sm_90: the weights in the compute
-    dtype (the backward stacks its first layer, `_stacked_first_layer` in the kernels, and reads them
-    back from its partials row, `_staged`) and the tiles staged for the products' B operands (the
-    keys, the feature-major hidden tiles). A bound fitted to ptxas builds for sm_90 of twelve shapes
-    (bf16, D from 16 to 128, one to three hidden layers; D=32 80/40: 57344 B, D=64 256/128/64:
-    227328 B), 6-25% above the larger program of each."""
+def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype, wgmma: bool = True) -> int:
+    """Bytes of shared memory the larger of the two programs needs: the weights in the compute dtype
+    (the backward stacks its first layer, `_stacked_first_layer` in the kernels, and reads them back
+    from its partials row, `_staged`) and the tiles staged for the products' operands. Bounds fitted
+    to ptxas builds of twelve shapes (bf16, D from 16 to 128, one to three hidden layers):
+    - wgmma (sm_90): 7-27% above the larger program of each (D=32 80/40: 57344 B, D=64 256/128/64:
+      227328 B, D=16 32: a forward of 17408 B);
+    - mma.sync (sm_80, sm_86, sm_89: A100, A10, L4, RTX 30xx/40xx), where the backward needs about
+      twice as much: its build is (8 D H1 + 2 * the deeper weights) elements + 8 KB for nine of the
+      shapes, and less for the others (D = 16) (D=32 80/40: 106496 B, D=64 80/40: 172032 B); 10% above that."""
     blocks = [block(h) for h in hidden]
-    weights = 3 * block(dim) * blocks[0] + sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
-    elements = 5 * weights // 4 + 8 * sum(blocks) + 128 * block(dim)
-    return elements * (4 if dtype == torch.float32 else 2) + 8192
+    first, deeper = block(dim) * blocks[0], sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
+    elt = 4 if dtype == torch.float32 else 2
+    if not wgmma:
+        return int(1.1 * (8 * first + 2 * deeper) * elt) + 8192
+    elements = 5 * (3 * first + deeper) // 4 + 8 * sum(blocks) + 128 * block(dim)
+    return elements * elt + 10240
 
 
 def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
@@ -53,9 +60,12 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
         # sm_90 builds of the fp32 variants spill tens of KB per thread (ieee products run on FMAs;
         # tf32x3 needs 400 KB of shared memory): the per-user kernels stay until that is fixed
         return "float32 on CUDA runs on the per-user kernels"
+    refused = refusal(FAMILY, keys, weights)
+    if refused is not None:
+        return refused
     hidden = tuple([w.shape[0] for w in weights[:-1]])
     limit = shared_memory_limit(keys.device) or H200_SHARED_BYTES  # the interpreter: an H200's
-    if shared_memory_estimate(keys.shape[-1], hidden, keys.dtype) > limit:
+    if shared_memory_estimate(keys.shape[-1], hidden, keys.dtype, has_wgmma(keys.device)) > limit:
         return f"D = {keys.shape[-1]} with hidden sizes {list(hidden)} needs more shared memory than {limit} B"
     return None
 
@@ -101,9 +111,13 @@ class Spec(NamedTuple):
 def _forward(query, keys, weights, biases, act_flat, source, positions, spec: Spec):
     kernels = _kernels()
     rows = kernels.PackedRows(source, positions, spec.jagged)
-    out, scores, lse = kernels.packed_attention_forward(
-        query, keys, weights, biases, _per_layer(act_flat, spec.per_layer, len(weights) - 1), rows, spec.activation,
-        spec.dice_eps, spec.dice_affine, spec.softmax, spec.return_scores)
+    try:
+        out, scores, lse = kernels.packed_attention_forward(
+            query, keys, weights, biases, _per_layer(act_flat, spec.per_layer, len(weights) - 1), rows,
+            spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, spec.return_scores)
+    except LAUNCH_REFUSED as error:  # nothing ran; fastdin.ops.attention dispatches the call again
+        record_refusal(FAMILY, keys, weights, error)
+        raise
     empty = keys.new_empty(0)
     return out, scores if scores is not None else empty, lse if lse is not None else empty.float()
 
@@ -141,6 +155,47 @@ def _restored(ctx):
             list(tensors[layers:2 * layers]), list(tensors[2 * layers:]))
 
 
+def _mask_of(counts: Tensor, positions: Tensor) -> Tensor:
+    """The bool mask [B, T] that `packed_rows` turned into (counts, positions)."""
+    valid = torch.arange(positions.shape[1], device=positions.device)[None, :] < counts[:, None]
+    return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device).scatter_(1, positions, valid)
+
+
+def _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, spec: Spec):
+    """`_backward`'s gradients from the packed PyTorch path (fastdin.packed), its forward recomputed
+    under autograd: for a case whose forward program this GPU ran but whose backward it refused."""
+    from fastdin import packed
+    from fastdin.reference import DiceParams
+
+    inputs = [query, keys, *weights, *biases, *act_flat]
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    query, keys, tensors = leaves[0], leaves[1], [t.to(leaves[1].dtype) for t in leaves[2:]]
+    layers = len(weights)
+    act_layers = _per_layer(tensors[2 * layers:], spec.per_layer, layers - 1)
+    if spec.activation == "prelu":
+        act_params = [layer[0] for layer in act_layers]
+    elif spec.activation == "dice":
+        act_params = [DiceParams(*layer[:3], *(layer[3:5] if spec.dice_affine else (None, None)), training=False,
+                                 eps=spec.dice_eps) for layer in act_layers]
+    else:
+        act_params = None
+    where = (dict(offsets=source) if spec.jagged else dict(lengths=source) if positions is None
+             else dict(mask=_mask_of(source, positions)))
+    with torch.enable_grad():
+        out, scores = packed.attention_pool(
+            query, keys, tensors[:layers], tensors[layers:2 * layers], activation=spec.activation,
+            act_params=act_params, normalization="softmax" if spec.softmax else None, return_scores=True, **where)
+        outputs, grads_in = [out], [grad_out]
+        if grad_scores is not None and spec.return_scores:
+            outputs.append(scores)
+            grads_in.append(grad_scores)
+        grads = torch.autograd.grad(outputs, leaves, grads_in, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    keep = set(_trainable(spec.activation, spec.per_layer))
+    acts = [g for i, g in enumerate(grads[2 + 2 * layers:]) if i % spec.per_layer in keep]
+    return grads[:2 + 2 * layers] + acts
+
+
 class _PackedAttentionFunction(torch.autograd.Function):
     """The eager path: the launchers behind an autograd.Function (a custom op's dispatch costs several
     times its host time per call, bench/dispatch_overhead.py)."""
@@ -158,8 +213,15 @@ class _PackedAttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_scores, _grad_lse):
         query, keys, source, positions, out, scores, lse, weights, biases, act_flat = _restored(ctx)
-        grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out,
-                          scores, lse, ctx.spec)
+        try:
+            grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions,
+                              out, scores, lse, ctx.spec)
+        except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
+            record_refusal(FAMILY, keys, weights, error)
+            if grad_out is None:
+                grad_out = torch.zeros_like(out)
+            grads = _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source,
+                                      positions, ctx.spec)
         layers = ctx.layers
         no_grads = (None,) * 4  # source, positions, spec, layers
         return (grads[0], grads[1], *no_grads, *grads[2:2 + 2 * layers],

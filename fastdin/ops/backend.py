@@ -10,7 +10,8 @@ FASTDIN_BACKEND (default "auto").
 """
 import functools
 import os
-from typing import Optional
+import warnings
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,10 +20,14 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 
 try:
     import triton  # noqa: F401
+    from triton.runtime.errors import OutOfResources
 
     HAS_TRITON = True
+    # what Triton raises, before anything runs, for a program the GPU cannot hold (shared memory)
+    LAUNCH_REFUSED = (OutOfResources,)
 except ImportError:  # no triton wheel on this platform
     HAS_TRITON = False
+    LAUNCH_REFUSED = ()
 
 _value_checks = os.environ.get("FASTDIN_VALUE_CHECKS", "1") != "0"
 
@@ -55,6 +60,53 @@ def shared_memory_limit(device: torch.device) -> Optional[int]:
         return None
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", 232448)  # 232448: an H100/H200's (227 KiB)
+
+
+@functools.lru_cache(maxsize=None)
+def has_wgmma(device: torch.device) -> bool:
+    """Whether Triton lowers the kernels' products to wgmma here (sm_90: H100, H200), which needs about
+    half the shared memory of the mma.sync programs other GPUs run; the interpreter counts as sm_90."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] == 9
+
+
+# (kernel family, device, D, hidden sizes, dtype) -> why the GPU refused one of the family's programs
+_REFUSED: Dict[tuple, str] = {}
+
+
+def kernel_dtype(keys: Tensor) -> torch.dtype:
+    """The dtype the kernels compute in: under autocast on keys' device its dtype (float64 is never
+    autocast), else keys' own."""
+    device = keys.device.type
+    if keys.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return keys.dtype
+
+
+def _case_key(family: str, keys: Tensor, weights: Sequence[Tensor]) -> tuple:
+    # the compute dtype: the kernels see keys converted to the autocast dtype, the dispatch sees them before
+    return family, keys.device, keys.shape[-1], tuple([w.shape[0] for w in weights[:-1]]), kernel_dtype(keys)
+
+
+def record_refusal(family: str, keys: Tensor, weights: Sequence[Tensor], error) -> str:
+    """Remember that this GPU refused a program of the `family` kernels for this case (Triton's
+    OutOfResources, raised before anything ran: the shared-memory estimate let it through), so that
+    the family's gap sends the case elsewhere from now on. Warns, and returns the reason."""
+    hidden = [w.shape[0] for w in weights[:-1]]
+    reason = (f"D = {keys.shape[-1]} with hidden sizes {hidden} in {kernel_dtype(keys)}: a program of the {family} "
+              f"kernels needs {error.required} B of {error.name}, and {keys.device} allows {error.limit} B")
+    _REFUSED[_case_key(family, keys, weights)] = reason
+    warnings.warn(f"fastdin: {reason}; this case runs another kernel or the torch path from now on",
+                  RuntimeWarning, stacklevel=3)
+    return reason
+
+
+def refusal(family: str, keys: Tensor, weights: Sequence[Tensor]) -> Optional[str]:
+    """The reason `record_refusal` kept for this case, or None."""
+    return _REFUSED.get(_case_key(family, keys, weights)) if _REFUSED else None
+
+
+def refusal_count() -> int:
+    return len(_REFUSED)
 
 
 def default_backend() -> str:
