@@ -10,11 +10,14 @@ from torch import Tensor
 
 from fastdin import packed, reference
 from fastdin.ops import attention_packed
-from fastdin.ops.backend import checking_values, choose_backend
+from fastdin.ops.backend import (LAUNCH_REFUSED, checking_values, choose_backend, kernel_dtype, record_refusal, refusal,
+                                 refusal_count)
 from fastdin.ops.backend import shared_memory_limit as _shared_memory_limit
 from fastdin.ops.checks import (check_activation, check_offsets, check_positions, require_dice_rows, require_float,
                                 require_same_device, require_tensor)
 from fastdin.reference import DICE_STATS, NORMALIZATIONS
+
+FAMILY = "per-user"  # in fastdin.ops.backend's record of refused programs
 
 
 def check_attention_inputs(query, keys, weights, biases, activation, act_params, lengths, mask, normalization, dice_stats,
@@ -233,10 +236,15 @@ def _attention_pool_grads(ctx, grad_out, grad_scores, backward_kernels):
         delta = (out.float() * grad_out.float()).sum(-1)
         if grad_scores is not None:
             delta = delta + (scores.float() * grad_scores.float()).sum(-1)
-    grads = backward_kernels(
-        grad_out, grad_scores, query, keys, list(weights), list(biases), list(act_tensors), lengths, mask, lse,
-        delta, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, dice_count, spec.dice_count_all,
-    )
+    try:
+        grads = backward_kernels(
+            grad_out, grad_scores, query, keys, list(weights), list(biases), list(act_tensors), lengths, mask, lse,
+            delta, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, dice_count, spec.dice_count_all,
+        )
+    except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
+        reason = record_refusal(FAMILY, keys, weights, error)
+        raise RuntimeError(f"the attention backward: {reason}. The next calls of this case go elsewhere; "
+                           f"backend='torch' runs it") from error
     dquery, dkeys = grads[0], grads[1]
     dweights, dbiases = grads[2:2 + layers], grads[2 + layers:2 + 2 * layers]
     trained = iter(grads[2 + 2 * layers:])
@@ -323,30 +331,29 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
     query, keys = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys)]
     _, act_tensors, dice_eps, dice_affine = attention_packed.flat_act_tensors(activation, act_params)
     dice_count, count_all = None, dice_stats == "all"
-    if activation == "dice" and act_params[0].training:
-        act_tensors, dice_count = _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask,
-                                                         dice_eps, dice_affine, count_all)
+    dice_training = activation == "dice" and act_params[0].training
     softmax = normalization == "softmax"
-    if torch.compiler.is_compiling():  # one opaque graph node
-        out, scores, _lse = _attention_pool_op(
-            query, keys, list(weights), list(biases), act_tensors, lengths, mask, activation, dice_eps,
-            dice_affine, softmax, return_scores, dice_count, count_all,
-        )
-    else:
-        spec = Spec(activation, dice_eps, dice_affine, softmax, return_scores, count_all)
-        out, scores, _lse = _AttentionPoolFunction.apply(
-            query, keys, lengths, mask, dice_count, spec, len(weights), *weights, *biases, *act_tensors,
-        )
+    try:
+        if dice_training:
+            act_tensors, dice_count = _dice_batch_statistics(query, keys, weights, biases, act_params, lengths, mask,
+                                                             dice_eps, dice_affine, count_all)
+        if torch.compiler.is_compiling():  # one opaque graph node
+            out, scores, _lse = _attention_pool_op(
+                query, keys, list(weights), list(biases), act_tensors, lengths, mask, activation, dice_eps,
+                dice_affine, softmax, return_scores, dice_count, count_all,
+            )
+        else:
+            spec = Spec(activation, dice_eps, dice_affine, softmax, return_scores, count_all)
+            out, scores, _lse = _AttentionPoolFunction.apply(
+                query, keys, lengths, mask, dice_count, spec, len(weights), *weights, *biases, *act_tensors,
+            )
+    except LAUNCH_REFUSED as error:
+        reason = record_refusal(FAMILY, keys, weights, error)
+        if dice_training:  # the statistics passes of the layers below may have run: no second try
+            raise RuntimeError(f"training-mode Dice: {reason}; this step's running statistics may be updated "
+                               f"in part. The next calls of this case go elsewhere; backend='torch' runs it") from error
+        raise
     return out, (scores if return_scores else None)
-
-
-def kernel_dtype(keys: Tensor) -> torch.dtype:
-    """The dtype the kernel computes in: under autocast on keys' device its dtype (float64 is never
-    autocast), else keys' own."""
-    device = keys.device.type
-    if keys.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return keys.dtype
 
 
 def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_params) -> Optional[str]:
@@ -361,6 +368,9 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
     dtype = kernel_dtype(keys)  # under autocast the kernel runs in the autocast dtype, and needs its memory
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"keys dtype {dtype}: the kernel takes float32, float16 or bfloat16"
+    refused = refusal(FAMILY, keys, weights)
+    if refused is not None:
+        return refused
     if keys.shape[-1] > 256:
         return f"embedding dim D = {keys.shape[-1]} > 256"
     hidden = [w.shape[0] for w in weights[:-1]]
@@ -458,10 +468,20 @@ def attention_pool(
     if offsets is not None and gap is None:  # only the packed-rows kernels take jagged keys
         gap = attention_packed.packed_gap(keys, weights, activation, act_params)
     chosen = choose_backend(backend, keys.device, gap, "attention_pool", has_torch_path="torch" in IMPLEMENTATIONS)
-    out, scores = IMPLEMENTATIONS[chosen](
-        query2d, keys, weights, biases, activation, act_params, lengths, mask, normalization, return_scores,
-        dice_stats, offsets,
-    )
+    refusals = refusal_count()
+    try:
+        out, scores = IMPLEMENTATIONS[chosen](
+            query2d, keys, weights, biases, activation, act_params, lengths, mask, normalization, return_scores,
+            dice_stats, offsets,
+        )
+    except LAUNCH_REFUSED:
+        if refusal_count() == refusals:  # not a program the kernels recorded: nowhere else to go
+            raise
+        # the GPU refused a program the shared-memory estimate let through, before anything ran; the
+        # gaps now name it, so the call goes to the next kernel (or, with "auto", the torch path)
+        return attention_pool(query, keys, weights, biases, activation=activation, act_params=act_params,
+                              lengths=lengths, mask=mask, normalization=normalization, return_scores=return_scores,
+                              dice_stats=dice_stats, backend=backend, offsets=offsets)
     if query_rank == 3:
         out = out.unsqueeze(1)
     return (out, scores) if return_scores else out

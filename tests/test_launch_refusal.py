@@ -1,0 +1,122 @@
+"""A GPU that refuses a program the shared-memory estimate let through. Triton raises OutOfResources
+at launch, before anything runs; here a launcher raises it. The call then goes to the next kernel, and
+a refused backward recomputes its gradients on the torch path. The case is remembered, with one
+warning, and a call that has nowhere left to go fails with an error that says why."""
+import pytest
+import torch
+from attention_helpers import Case, check_against_reference, make_inputs
+from conftest import DEVICES
+from test_attention_kernel import run
+
+from fastdin import functional
+from fastdin.ops import attention_packed as packed_ops
+from fastdin.ops import backend
+from fastdin.ops.attention import attention_kernel_gap
+from fastdin.reference import DiceParams
+
+triton = pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+from fastdin.kernels import attention_packed as packed_kernels  # noqa: E402
+from fastdin.kernels import attention_pool as per_user_kernels  # noqa: E402
+
+NEEDED, LIMIT = 262144, 232448
+
+
+@pytest.fixture(autouse=True)
+def no_refusals(monkeypatch):
+    monkeypatch.setattr(backend, "_REFUSED", {})
+
+
+def refused(calls: list):
+    """A launcher that the GPU refuses, counting its calls."""
+    def launcher(*args, **kwargs):
+        calls.append(1)
+        raise OutOfResources(NEEDED, LIMIT, "shared memory")
+    return launcher
+
+
+CASES = [Case(6, (10, 5), "prelu", positions="lengths", normalization="softmax"),
+         Case(5, (8, 3), "dice", positions="mask"),
+         Case(4, (7,), "sigmoid", positions=None)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_refused_packed_forward_runs_the_per_user_kernels(case, monkeypatch):
+    calls = []
+    monkeypatch.setattr(packed_kernels, "packed_attention_forward", refused(calls))
+    leaves, positions = make_inputs(case, DEVICES[0])
+    with pytest.warns(RuntimeWarning, match=f"packed-rows kernels needs {NEEDED} B of shared memory"):
+        check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)
+    assert len(calls) == 1
+    keys = leaves["keys_base"].float()
+    assert f"allows {LIMIT} B" in packed_ops.packed_gap(keys, leaves["weights"], "sigmoid", None)
+    check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)  # no second try
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_refused_packed_backward_recomputes_on_the_torch_path(case, monkeypatch):
+    """The forward ran packed; the gradients come from fastdin.packed's forward, recomputed."""
+    calls = []
+    monkeypatch.setattr(packed_kernels, "packed_attention_backward", refused(calls))
+    leaves, positions = make_inputs(case, DEVICES[0])
+    with pytest.warns(RuntimeWarning, match="packed-rows kernels"):
+        check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)
+    assert len(calls) == 1
+    keys = leaves["keys_base"].float()
+    assert packed_ops.packed_gap(keys, leaves["weights"], "sigmoid", None) is not None
+
+
+def test_a_refused_jagged_call_names_the_shared_memory(monkeypatch):
+    """Only the packed kernels take jagged keys: backend="triton" has nowhere else to go."""
+    monkeypatch.setattr(packed_kernels, "packed_attention_forward", refused([]))
+    offsets = torch.tensor([0, 3, 3, 7])
+    query, values = torch.randn(3, 4), torch.randn(7, 4)
+    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    with pytest.warns(RuntimeWarning), pytest.raises(NotImplementedError, match=f"allows {LIMIT} B"):
+        functional.attention_pool(query, values, weights, biases, offsets=offsets, backend="triton")
+    out = functional.attention_pool(query, values, weights, biases, offsets=offsets, backend="torch")
+    assert out.shape == (3, 4)
+
+
+def test_refused_everywhere_names_the_shared_memory(monkeypatch):
+    monkeypatch.setattr(packed_kernels, "packed_attention_forward", refused([]))
+    monkeypatch.setattr(per_user_kernels, "attention_pool_forward", refused([]))
+    query, keys = torch.randn(3, 4), torch.randn(3, 5, 4)
+    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    with pytest.warns(RuntimeWarning), pytest.raises(NotImplementedError, match="per-user kernels needs"):
+        functional.attention_pool(query, keys, weights, biases, lengths=torch.tensor([5, 0, 2]), backend="triton")
+
+
+def test_a_refused_per_user_backward_says_so(monkeypatch):
+    monkeypatch.setattr(packed_ops, "packed_gap", lambda *args: "the test forces the per-user kernels")
+    monkeypatch.setattr(per_user_kernels, "attention_pool_backward", refused([]))
+    query, keys = torch.randn(3, 4, requires_grad=True), torch.randn(3, 5, 4)
+    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    out = functional.attention_pool(query, keys, weights, biases, lengths=torch.tensor([5, 0, 2]), backend="triton")
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="the attention backward: .* allows"):
+        out.sum().backward()
+
+
+def test_a_refused_training_dice_step_says_so(monkeypatch):
+    """The statistics passes of the layers below may have updated their running statistics: no retry."""
+    monkeypatch.setattr(per_user_kernels, "attention_dice_batch_stats", refused([]))
+    query, keys = torch.randn(3, 4), torch.randn(3, 5, 4)
+    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    dice = [DiceParams(torch.rand(6), torch.zeros(6), torch.ones(6), training=True)]
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="training-mode Dice: .* allows"):
+        functional.attention_pool(query, keys, weights, biases, activation="dice", act_params=dice,
+                                  lengths=torch.tensor([5, 0, 2]), backend="triton")
+    assert "allows" in attention_kernel_gap(keys, weights, "dice", dice)
+
+
+def test_a_refusal_is_kept_by_compute_dtype():
+    """The kernels see keys already in the autocast dtype, the dispatch sees them before: one case."""
+    weights = [torch.zeros(6, 16), torch.zeros(1, 6)]
+    with pytest.warns(RuntimeWarning):
+        backend.record_refusal("per-user", torch.zeros(2, 3, 4, dtype=torch.bfloat16), weights,
+                               OutOfResources(NEEDED, LIMIT, "shared memory"))
+    assert backend.refusal("per-user", torch.zeros(2, 3, 4), weights) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert f"allows {LIMIT} B" in backend.refusal("per-user", torch.zeros(2, 3, 4), weights)
