@@ -65,9 +65,23 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
         return refused
     hidden = tuple([w.shape[0] for w in weights[:-1]])
     limit = shared_memory_limit(keys.device) or H200_SHARED_BYTES  # the interpreter: an H200's
-    if shared_memory_estimate(keys.shape[-1], hidden, keys.dtype, has_wgmma(keys.device)) > limit:
+    wgmma = has_wgmma(keys.device)
+    estimate = shared_memory_estimate(keys.shape[-1], hidden, keys.dtype, wgmma)
+    if estimate > limit and not worth_a_launch(estimate, limit, wgmma, keys.is_cuda):
         return f"D = {keys.shape[-1]} with hidden sizes {list(hidden)} needs more shared memory than {limit} B"
     return None
+
+
+WGMMA_SLACK = 1.15  # sm_90 builds lie 7-27% under the bound (the seed shape's 227328 B: 12%)
+
+
+def worth_a_launch(estimate: int, limit: int, wgmma: bool, on_gpu: bool) -> bool:
+    """Whether a case whose bound exceeds the limit may still fit: on sm_90, within WGMMA_SLACK of it,
+    only the compiler can tell (the seed shape builds 2% under an H200's limit). On a GPU in eager
+    mode the launch then decides, and a refusal sends the case elsewhere (`record_refusal`). The
+    interpreter has no compiler to ask, torch.compile's graph has no second try, and the mma.sync
+    bound lies within 15% of the builds anyway (40% for D = 16): those keep to the bound."""
+    return wgmma and on_gpu and not torch.compiler.is_compiling() and estimate <= WGMMA_SLACK * limit
 
 
 def flat_act_tensors(activation: str, act_params):
