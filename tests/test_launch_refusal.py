@@ -21,11 +21,19 @@ from fastdin.kernels import attention_packed as packed_kernels  # noqa: E402
 from fastdin.kernels import attention_pool as per_user_kernels  # noqa: E402
 
 NEEDED, LIMIT = 262144, 232448
+# the packed kernels' dtypes: on CUDA fp32 runs on the per-user kernels, and the interpreter's bf16 is wrong
+DTYPE = torch.float32 if DEVICES[0] == "cpu" else torch.bfloat16
 
 
 @pytest.fixture(autouse=True)
 def no_refusals(monkeypatch):
     monkeypatch.setattr(backend, "_REFUSED", {})
+
+
+def small_mlp(dim: int = 4, hidden: int = 6):
+    """Weights and biases of a one-hidden-layer attention MLP, in DTYPE."""
+    weights = [torch.randn(hidden, 4 * dim, dtype=DTYPE), torch.randn(1, hidden, dtype=DTYPE)]
+    return weights, [torch.randn(hidden, dtype=DTYPE), torch.randn(1, dtype=DTYPE)]
 
 
 def refused(calls: list):
@@ -47,11 +55,11 @@ def test_a_refused_packed_forward_runs_the_per_user_kernels(case, monkeypatch):
     monkeypatch.setattr(packed_kernels, "packed_attention_forward", refused(calls))
     leaves, positions = make_inputs(case, DEVICES[0])
     with pytest.warns(RuntimeWarning, match=f"packed-rows kernels needs {NEEDED} B of shared memory"):
-        check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)
+        check_against_reference(case, DTYPE, DEVICES[0], run, leaves, positions)
     assert len(calls) == 1
-    keys = leaves["keys_base"].float()
+    keys = leaves["keys_base"].to(DTYPE)
     assert f"allows {LIMIT} B" in packed_ops.packed_gap(keys, leaves["weights"], "sigmoid", None)
-    check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)  # no second try
+    check_against_reference(case, DTYPE, DEVICES[0], run, leaves, positions)  # no second try
     assert len(calls) == 1
 
 
@@ -62,49 +70,49 @@ def test_a_refused_packed_backward_recomputes_on_the_torch_path(case, monkeypatc
     monkeypatch.setattr(packed_kernels, "packed_attention_backward", refused(calls))
     leaves, positions = make_inputs(case, DEVICES[0])
     with pytest.warns(RuntimeWarning, match="packed-rows kernels"):
-        check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)
+        check_against_reference(case, DTYPE, DEVICES[0], run, leaves, positions)
     assert len(calls) == 1
-    keys = leaves["keys_base"].float()
+    keys = leaves["keys_base"].to(DTYPE)
     assert packed_ops.packed_gap(keys, leaves["weights"], "sigmoid", None) is not None
 
 
-def test_a_refused_jagged_call_names_the_shared_memory(monkeypatch):
+def test_a_refused_jagged_call_names_the_shared_memory(monkeypatch, on_kernel_device):
     """Only the packed kernels take jagged keys: backend="triton" has nowhere else to go."""
     monkeypatch.setattr(packed_kernels, "packed_attention_forward", refused([]))
     offsets = torch.tensor([0, 3, 3, 7])
-    query, values = torch.randn(3, 4), torch.randn(7, 4)
-    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    query, values = torch.randn(3, 4, dtype=DTYPE), torch.randn(7, 4, dtype=DTYPE)
+    weights, biases = small_mlp()
     with pytest.warns(RuntimeWarning), pytest.raises(NotImplementedError, match=f"allows {LIMIT} B"):
         functional.attention_pool(query, values, weights, biases, offsets=offsets, backend="triton")
     out = functional.attention_pool(query, values, weights, biases, offsets=offsets, backend="torch")
     assert out.shape == (3, 4)
 
 
-def test_refused_everywhere_names_the_shared_memory(monkeypatch):
+def test_refused_everywhere_names_the_shared_memory(monkeypatch, on_kernel_device):
     monkeypatch.setattr(packed_kernels, "packed_attention_forward", refused([]))
     monkeypatch.setattr(per_user_kernels, "attention_pool_forward", refused([]))
-    query, keys = torch.randn(3, 4), torch.randn(3, 5, 4)
-    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    query, keys = torch.randn(3, 4, dtype=DTYPE), torch.randn(3, 5, 4, dtype=DTYPE)
+    weights, biases = small_mlp()
     with pytest.warns(RuntimeWarning), pytest.raises(NotImplementedError, match="per-user kernels needs"):
         functional.attention_pool(query, keys, weights, biases, lengths=torch.tensor([5, 0, 2]), backend="triton")
 
 
-def test_a_refused_per_user_backward_says_so(monkeypatch):
+def test_a_refused_per_user_backward_says_so(monkeypatch, on_kernel_device):
     monkeypatch.setattr(packed_ops, "packed_gap", lambda *args: "the test forces the per-user kernels")
     monkeypatch.setattr(per_user_kernels, "attention_pool_backward", refused([]))
-    query, keys = torch.randn(3, 4, requires_grad=True), torch.randn(3, 5, 4)
-    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
+    query, keys = torch.randn(3, 4, dtype=DTYPE, requires_grad=True), torch.randn(3, 5, 4, dtype=DTYPE)
+    weights, biases = small_mlp()
     out = functional.attention_pool(query, keys, weights, biases, lengths=torch.tensor([5, 0, 2]), backend="triton")
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="the attention backward: .* allows"):
         out.sum().backward()
 
 
-def test_a_refused_training_dice_step_says_so(monkeypatch):
+def test_a_refused_training_dice_step_says_so(monkeypatch, on_kernel_device):
     """The statistics passes of the layers below may have updated their running statistics: no retry."""
     monkeypatch.setattr(per_user_kernels, "attention_dice_batch_stats", refused([]))
-    query, keys = torch.randn(3, 4), torch.randn(3, 5, 4)
-    weights, biases = [torch.randn(6, 16), torch.randn(1, 6)], [torch.randn(6), torch.randn(1)]
-    dice = [DiceParams(torch.rand(6), torch.zeros(6), torch.ones(6), training=True)]
+    query, keys = torch.randn(3, 4, dtype=DTYPE), torch.randn(3, 5, 4, dtype=DTYPE)
+    weights, biases = small_mlp()
+    dice = [DiceParams(torch.rand(6, dtype=DTYPE), torch.zeros(6, dtype=DTYPE), torch.ones(6, dtype=DTYPE), training=True)]
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="training-mode Dice: .* allows"):
         functional.attention_pool(query, keys, weights, biases, activation="dice", act_params=dice,
                                   lengths=torch.tensor([5, 0, 2]), backend="triton")
