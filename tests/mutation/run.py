@@ -67,6 +67,10 @@ SHARED_STATS_TESTS = DICE_TESTS + TRAIN_TESTS
 # kernels/mlp.py: the attention MLP's parameters and activations, shared by both attention kernels
 MLP_TESTS = PACKED_TESTS + [t for t in ATTENTION_TESTS if t not in PACKED_TESTS]
 ERROR_TESTS = ["tests/test_errors.py", "tests/test_dice_kernel.py::test_kernel_gap"]
+REFUSAL_TESTS = ["tests/test_launch_refusal.py"]
+BOUND_TESTS = ["tests/test_attention_packed_kernel.py::test_dispatch_follows_the_gpu",
+               "tests/test_attention_packed_kernel.py::test_a_gpu_with_wgmma_tries_the_shapes_within_the_bounds_slack",
+               "tests/test_attention_packed_kernel.py::test_sm80_builds_within_the_mma_sync_estimate"]
 DESELECT = "not sm90"
 
 
@@ -340,6 +344,22 @@ MUTANTS = [
     M("op-kernel-gap-ignored", OPS_BACKEND, "    if kernel_gap is not None:\n        raise NotImplementedError",
       "    if kernel_gap is not None and False:\n        raise NotImplementedError",
       "backend='triton' runs a kernel on a case no kernel covers", ERROR_TESTS),
+    M("op-refused-mask-rebuilt-wrong", OPS_PACKED,
+      "valid = torch.arange(positions.shape[1], device=positions.device)[None, :] < counts[:, None]",
+      "valid = torch.arange(positions.shape[1], device=positions.device)[None, :] <= counts[:, None]",
+      "a refused packed backward recomputes with one extra valid position per user (mask input)", REFUSAL_TESTS),
+    M("op-refused-scores-grad-dropped", OPS_PACKED, "        if grad_scores is not None and spec.return_scores:",
+      "        if False:", "a refused packed backward ignores the returned scores' gradient", REFUSAL_TESTS),
+    M("op-refusal-not-recorded", OPS_PACKED, "        record_refusal(FAMILY, keys, weights, error)\n        raise",
+      "        raise", "a refused packed forward is not recorded, so the call is not dispatched again", REFUSAL_TESTS),
+    M("op-mma-sync-bound-low", OPS_PACKED, "return int(1.1 * (8 * first + 2 * deeper) * elt) + 8192",
+      "return int(1.1 * (4 * first + 2 * deeper) * elt) + 8192",
+      "the shared-memory bound without wgmma counts half the first layer (an L4 gets the paper shape packed)",
+      BOUND_TESTS),
+    M("op-wgmma-slack-everywhere", OPS_PACKED,
+      "return wgmma and on_gpu and not torch.compiler.is_compiling() and estimate <= WGMMA_SLACK * limit",
+      "return estimate <= WGMMA_SLACK * limit",
+      "cases over the bound are tried under the interpreter, torch.compile and mma.sync GPUs too", BOUND_TESTS),
 ]
 
 # Mutants that cannot change any result, kept to document why (run them with --equivalent).
