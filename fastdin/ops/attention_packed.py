@@ -41,8 +41,9 @@ def shared_memory_estimate(dim: int, hidden: tuple, dtype: torch.dtype, wgmma: b
     - wgmma (sm_90): 7-27% above the larger program of each (D=32 80/40: 57344 B, D=64 256/128/64:
       227328 B, D=16 32: a forward of 17408 B);
     - mma.sync (sm_80, sm_86, sm_89: A100, A10, L4, RTX 30xx/40xx), where the backward needs about
-      twice as much: its build is (8 D H1 + 2 * the deeper weights) elements + 8 KB for nine of the
-      shapes, and less for the others (D = 16) (D=32 80/40: 106496 B, D=64 80/40: 172032 B); 10% above that."""
+      twice as much (D=32 80/40: 106496 B, D=64 80/40: 172032 B): 10% above (8 D H1 + 2 * the deeper
+      weights) elements + 8 KB, which is the build for nine of the shapes and above it for three
+      (D = 16)."""
     blocks = [block(h) for h in hidden]
     first, deeper = block(dim) * blocks[0], sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
     elt = 4 if dtype == torch.float32 else 2
