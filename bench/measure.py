@@ -7,6 +7,7 @@ reports it; on the CPU it is left empty rather than guessed.
 """
 import contextlib
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +65,18 @@ def interleaved_times(steps: Dict[str, Callable[[], object]], repeats: int, iter
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def rotated_medians_ms(calls: Dict[str, Callable[[], object]], rounds: int, device: torch.device,
+                       budget: Budget) -> Dict[str, float]:
+    """{name: the median over `rounds` of median_ms(call)}: each round times every call, in a rotating
+    order, so drift (clocks, temperature, other jobs) falls on all of them alike."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(median_ms(calls[name], device, budget))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, budget: Budget) -> float:

@@ -13,8 +13,8 @@ checks the script, and times nothing worth keeping (no CSV).
 """
 import argparse
 import datetime
+import functools
 import os
-import statistics
 import sys
 
 if "--smoke" in sys.argv:
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastdin.bench import report  # noqa: E402
-from fastdin.bench.measure import Budget, device_name, median_ms  # noqa: E402
+from fastdin.bench.measure import Budget, device_name, rotated_medians_ms  # noqa: E402
 from fastdin.kernels import attention_packed as packed  # noqa: E402
 
 PAPER = dict(batch=2048, seq_len=100, dim=32, hidden=(80, 40))
@@ -83,24 +83,18 @@ def main():
     for uniform in (True, False):
         case = make_case(**shape, uniform=uniform, device=device, dtype=dtype)
         check_agree(case, sizes)
-        times = {size: [] for size in sizes}
-        for r in range(args.rounds):
-            for size in sizes[r % len(sizes):] + sizes[:r % len(sizes)]:
-                times[size].append(median_ms(lambda: backward(case, size), device, budget))
+        medians = rotated_medians_ms({size: functools.partial(backward, case, size) for size in sizes}, args.rounds,
+                                     device, budget)
         lengths = "uniform in [1, T]" if uniform else "all T"
-        fastest = min(statistics.median(t) for t in times.values())
+        fastest = min(medians.values())
         rows = []
-        for size, t in times.items():
-            ms = statistics.median(t)
+        for size, ms in medians.items():
             print(f"packed backward, {lengths}, {size}-row tiles: {ms:.4f} ms ({ms / fastest:.2f}x the fastest)")
             rows.append(dict(base, shape="B{batch} T{seq_len} D{dim} {h} sigmoid".format(
                 h="/".join(map(str, shape["hidden"])), **shape), dtype=str(dtype).replace("torch.", ""),
                 lengths=lengths, block_m=size, median_ms=round(ms, 5), vs_fastest=round(ms / fastest, 3)))
         if not args.smoke:  # each case as it ends: a timeout keeps what was measured
-            path = os.path.join(args.out_dir, "packed_tiles.csv")
-            report.check_csv(path, list(rows[0]))
-            report.append_csv(path, rows, list(rows[0]))
-            print(f"appended {len(rows)} rows to {path}")
+            report.keep_rows(args.out_dir, "packed_tiles.csv", rows)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def check_csv(path: str, columns: Sequence[str] = COLUMNS) -> None:
 
 
 def append_csv(path: str, rows: Sequence[Dict], columns: Sequence[str] = COLUMNS) -> None:
-    """Append rows to the CSV at path (its folder made if missing), writing the header when the file is new."""
+    """Append rows to the CSV at path (its folder made if missing), writing the header when the file is
+    new; a ValueError (`check_csv`) if the file has other columns."""
+    check_csv(path, columns)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
@@ -74,6 +76,13 @@ def append_csv(path: str, rows: Sequence[Dict], columns: Sequence[str] = COLUMNS
             writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+
+
+def keep_rows(out_dir: str, name: str, rows: Sequence[Dict]) -> None:
+    """Append rows (dicts with the same keys) to out_dir/name, and say so."""
+    path = os.path.join(out_dir, name)
+    append_csv(path, rows, list(rows[0]))
+    print(f"appended {len(rows)} rows to {path}")
 
 
 def _csv_value(value):

@@ -194,3 +194,10 @@ def test_mba_overfit_script_writes_its_rows(tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted(r["variant"] for r in rows) == ["l2", "l2", "mba", "mba", "mba", "none"], out  # the default grids
     assert all(0.0 <= float(r["test_auc"]) <= 1.0 and float(r["test_logloss"]) > 0 for r in rows)
+
+
+def test_packed_vs_per_user_script_smoke():
+    """The GPU A/B of bench/gpu_check.sh on a tiny shape under the interpreter: both paths run, agree
+    (the script checks), and are timed."""
+    out = run_script("packed_vs_per_user.py", "--smoke")
+    assert "dispatch (packed rows)" in out and "per-user forced (per-user kernels (per-user kernels forced" in out
