@@ -410,6 +410,19 @@ def test_sm80_builds_within_the_mma_sync_estimate(sm80_builds, case):
         assert builds[name]["wgmma"] == 0 and builds[name]["mma_sync"] > 0, (name, builds[name])
 
 
+def test_only_sm90_counts_as_wgmma(monkeypatch):
+    """H100/H200 (9.0) yes; A100 (8.0), L4 (8.9), B200 (10.0) and an MI300 under ROCm (9.4) no; the
+    interpreter counts as an H200."""
+    from fastdin.ops.backend import has_wgmma
+
+    for capability, hip, expected in [((9, 0), None, True), ((8, 0), None, False), ((8, 9), None, False),
+                                      ((10, 0), None, False), ((9, 4), "6.2", False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        assert has_wgmma.__wrapped__(torch.device("cuda")) == expected, (capability, hip)
+    assert has_wgmma.__wrapped__(torch.device("cpu"))
+
+
 def test_dispatch_follows_the_gpu(monkeypatch):
     """The paper shape runs packed on an H200 and an A100 but not on an L4 (its sm_80 backward needs
     106496 B, the L4 allows 101376 B); D=64 80/40 (172032 B) runs packed on an H200 only."""

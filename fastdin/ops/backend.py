@@ -65,8 +65,11 @@ def shared_memory_limit(device: torch.device) -> Optional[int]:
 @functools.lru_cache(maxsize=None)
 def has_wgmma(device: torch.device) -> bool:
     """Whether Triton lowers the kernels' products to wgmma here (sm_90: H100, H200), which needs about
-    half the shared memory of the mma.sync programs other GPUs run; the interpreter counts as sm_90."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] == 9
+    half the shared memory of the mma.sync programs other GPUs run; the interpreter counts as sm_90.
+    ROCm reports its own architecture numbers as a capability (9.4 on an MI300): no wgmma there."""
+    if device.type != "cuda":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9
 
 
 # (kernel family, device, D, hidden sizes, dtype) -> why the GPU refused one of the family's programs
