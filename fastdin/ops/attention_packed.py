@@ -141,8 +141,6 @@ def _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, sou
               spec: Spec):
     """[dquery, dkeys, *dweights, *dbiases, *d(trainable act tensors)]."""
     kernels = _kernels()
-    if grad_out is None:  # only the scores were used
-        grad_out = torch.zeros_like(out)
     rows = kernels.PackedRows(source, positions, spec.jagged)
     return kernels.packed_attention_backward(
         grad_out, grad_scores if spec.return_scores else None, query, keys, weights, biases,
@@ -228,13 +226,13 @@ class _PackedAttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_scores, _grad_lse):
         query, keys, source, positions, out, scores, lse, weights, biases, act_flat = _restored(ctx)
+        if grad_out is None:  # only the scores were used
+            grad_out = torch.zeros_like(out)
         try:
             grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions,
                               out, scores, lse, ctx.spec)
         except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
             record_refusal(FAMILY, keys, weights, error)
-            if grad_out is None:
-                grad_out = torch.zeros_like(out)
             grads = _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source,
                                       positions, ctx.spec)
         layers = ctx.layers
@@ -294,7 +292,7 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_out, grad_scores, _grad_lse):
     query, keys, source, positions, out, scores, lse, weights, biases, act_flat = _restored(ctx)
-    if grad_out is None:
+    if grad_out is None:  # only the scores were used
         grad_out = torch.zeros_like(out)
     spec, layers = ctx.spec, ctx.layers
     grads = _packed_backward_op(grad_out, grad_scores if spec.return_scores else None, query, keys, weights, biases,

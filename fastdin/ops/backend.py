@@ -72,10 +72,6 @@ def has_wgmma(device: torch.device) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9
 
 
-# (kernel family, device, D, hidden sizes, dtype) -> why the GPU refused one of the family's programs
-_REFUSED: Dict[tuple, str] = {}
-
-
 def kernel_dtype(keys: Tensor) -> torch.dtype:
     """The dtype the kernels compute in: under autocast on keys' device its dtype (float64 is never
     autocast), else keys' own."""
@@ -83,6 +79,10 @@ def kernel_dtype(keys: Tensor) -> torch.dtype:
     if keys.dtype != torch.float64 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return keys.dtype
+
+
+# (kernel family, device, D, hidden sizes, dtype) -> why the GPU refused one of the family's programs
+_REFUSED: Dict[tuple, str] = {}
 
 
 def _case_key(family: str, keys: Tensor, weights: Sequence[Tensor]) -> tuple:
