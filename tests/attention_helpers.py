@@ -163,26 +163,49 @@ def check_against_reference(case: Case, dtype, device, run, leaves, positions, b
     if skip is not None:  # zero in exact math: no relative error, only an absolute one
         assert got[skip].abs().max().item() < (1e-5 if dtype == torch.float32 else 1e-2)
     ill_posed = ill_posed_in_low_precision(case) if dtype != torch.float32 else set()
-    # the same-dtype reference in two orders of summation: as given, and with the users reversed
+    # the same-dtype reference in two orders of summation: as given, and with users and positions reversed
     same_dtype = run(case, cast_leaves(leaves, dtype), positions, "reference", grad_out, grad_scores)
-    reversed_order = run_users_reversed(case, run, cast_leaves(leaves, dtype), positions, grad_out, grad_scores)
+    reversed_order = run_reordered(case, run, cast_leaves(leaves, dtype), positions, grad_out, grad_scores)
     for i, (g, w, s, r) in enumerate(zip(got, want, same_dtype, reversed_order)):
         if i != skip and i not in ill_posed:
             assert_close_to_reference(f"{type(case).__name__} {case} {str(dtype)[6:]} result {i}", g, w, (s, r))
 
 
-def run_users_reversed(case: Case, run, leaves, positions, grad_out, grad_scores):
-    """run(...) on the reference backend with the batch in reverse order, its per-user results put
-    back in order: the same math, summed in another order (batch statistics, weight gradients)."""
+def _positions_flipped(case: Case, base):
+    """The keys' base tensor with every user's positions in reverse order (t -> T - 1 - t)."""
+    if case.layout == "transposed":
+        return base.flip(2)
+    if case.layout == "strided":  # only the even slots hold keys
+        flipped = base.clone()
+        flipped[:, ::2] = base[:, ::2].flip(1)
+        return flipped
+    return base.flip(1)
+
+
+def run_reordered(case: Case, run, leaves, positions, grad_out, grad_scores):
+    """run(...) on the reference backend with the batch and each user's positions in reverse order, its
+    results put back in order: the same math summed in another order (batch statistics, weight
+    gradients, and within a user: a second draw of the rounding even when one user holds every position)."""
     flip = torch.arange(case.batch - 1, -1, -1, device=grad_out.device)
     per_user = ["query"] + ([] if case.layout == "expanded" else ["keys_base"])
-    leaves = {name: (value.detach()[flip].requires_grad_() if name in per_user else value)
+    leaves = {name: (value.detach()[flip] if name in per_user else value) for name, value in leaves.items()}
+    leaves["keys_base"] = _positions_flipped(case, leaves["keys_base"].detach())
+    leaves = {name: (value.requires_grad_() if name in ("query", "keys_base") else value)
               for name, value in leaves.items()}
     positions = {name: value[flip] for name, value in positions.items()}
-    results = run(case, leaves, positions, "reference", grad_out[flip], grad_scores[flip])
+    if "lengths" in positions:  # a prefix of length n, reversed: the last n positions
+        t = torch.arange(case.seq_len, device=grad_out.device)
+        positions = {"mask": t.flip(0)[None, :] < positions["lengths"][:, None]}
+    elif "mask" in positions:
+        positions = {"mask": positions["mask"].flip(1)}
+    results = run(case, leaves, positions, "reference", grad_out[flip], grad_scores[flip].flip(1))
     # [out, (scores,) grad query, grad keys_base, ...]: the first ones are per user
     first = 1 + case.return_scores
-    return [r[flip] if i < first or (i - first) < len(per_user) else r for i, r in enumerate(results)]
+    results = [r[flip] if i < first or (i - first) < len(per_user) else r for i, r in enumerate(results)]
+    if case.return_scores:
+        results[1] = results[1].flip(1)
+    results[first + 1] = _positions_flipped(case, results[first + 1])
+    return results
 
 
 def make_module_pair(activation, normalization, dice_affine=False):
