@@ -57,14 +57,20 @@ def segment_sum_sorted(values: Tensor, offsets: Tensor) -> Tensor:
     return torch.segment_reduce(values, "sum", offsets=offsets, axis=0, unsafe=True)
 
 
+# The Functions define setup_context, so that torch.func transforms take them (fastdin.ops.attention_packed
+# differentiates this path with torch.func.vjp inside a custom op, where autograd is off).
 class _GatherRows(torch.autograd.Function):
     """table [B, F] -> rows [R, F] (row r gets its user's entry); the backward is a segment sum."""
 
     @staticmethod
-    def forward(ctx, table, user, offsets):
+    def forward(table, user, offsets):
+        return table.index_select(0, user)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        table, user, offsets = inputs
         ctx.save_for_backward(user, offsets)
         ctx.batch = table.shape[0]
-        return table.index_select(0, user)
 
     @staticmethod
     def backward(ctx, grad):
@@ -76,9 +82,12 @@ class _SegmentSum(torch.autograd.Function):
     """values [R, F] -> [B, F] per-user sums; the backward gathers."""
 
     @staticmethod
-    def forward(ctx, values, user, offsets, batch):
-        ctx.save_for_backward(user)
+    def forward(values, user, offsets, batch):
         return segment_sum(values, user, offsets, batch)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -87,27 +96,33 @@ class _SegmentSum(torch.autograd.Function):
 
 
 class _SegmentSoftmax(torch.autograd.Function):
-    """Softmax of scores [R] within each user's rows (in fp32 for fp16/bf16); a user with no rows has none."""
+    """Softmax of scores [R] (fp32 or fp64) within each user's rows; a user with no rows has none."""
 
     @staticmethod
-    def forward(ctx, scores, user, offsets, batch):
-        if scores.dtype in (torch.float16, torch.bfloat16):
-            return _SegmentSoftmax.forward(ctx, scores.float(), user, offsets, batch).to(scores.dtype)
+    def forward(scores, user, offsets, batch):
         # the per-user max only shifts the exponent (the softmax does not depend on it)
         top = scores.new_full((batch,), float("-inf")).scatter_reduce_(0, user, scores, "amax", include_self=True)
         e = torch.exp(scores - top.index_select(0, user))
         total = segment_sum(e, user, offsets, batch)
-        w = e / total.index_select(0, user)
-        ctx.save_for_backward(w, user, offsets)
-        ctx.batch = batch
-        return w
+        return e / total.index_select(0, user)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, user, offsets, ctx.batch = inputs
+        ctx.save_for_backward(output, user, offsets)
 
     @staticmethod
     def backward(ctx, grad):
         w, user, offsets = ctx.saved_tensors
-        wg = w * grad.to(w.dtype)
-        dscores = wg - w * segment_sum(wg, user, offsets, ctx.batch).index_select(0, user)
-        return dscores.to(grad.dtype), None, None, None
+        wg = w * grad
+        return wg - w * segment_sum(wg, user, offsets, ctx.batch).index_select(0, user), None, None, None
+
+
+def segment_softmax(scores: Tensor, user: Tensor, offsets: Tensor, batch: int) -> Tensor:
+    """_SegmentSoftmax, in fp32 for fp16/bf16 scores (the weights back in their dtype)."""
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        return _SegmentSoftmax.apply(scores.float(), user, offsets, batch).to(scores.dtype)
+    return _SegmentSoftmax.apply(scores, user, offsets, batch)
 
 
 class _ZeroPaddingRows(torch.autograd.Function):
@@ -116,10 +131,14 @@ class _ZeroPaddingRows(torch.autograd.Function):
     gradient / count_b (every copy of the row has the same share)."""
 
     @staticmethod
-    def forward(ctx, keys, valid, pad_user, count):
+    def forward(keys, valid, pad_user, count):
+        return keys.new_zeros(pad_user.shape[0], keys.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        keys, valid, pad_user, count = inputs
         ctx.save_for_backward(valid, pad_user, count)
         ctx.keys_shape = keys.shape
-        return keys.new_zeros(pad_user.shape[0], keys.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -134,10 +153,14 @@ class _FirstLayer(torch.autograd.Function):
     two GEMMs ([k, q_b * k] against [Ak; Ap], recomputing q_b * k instead of keeping it)."""
 
     @staticmethod
-    def forward(ctx, keys, query, c, user, offsets, first_k, first_qk):
+    def forward(keys, query, c, user, offsets, first_k, first_qk):
         q_rows = query.index_select(0, user)
-        ctx.save_for_backward(keys, query, user, offsets, first_k, first_qk)
         return c.index_select(0, user).addmm_(keys, first_k).addmm_(q_rows * keys, first_qk)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        keys, query, c, user, offsets, first_k, first_qk = inputs
+        ctx.save_for_backward(keys, query, user, offsets, first_k, first_qk)
 
     @staticmethod
     def backward(ctx, grad):
@@ -326,7 +349,7 @@ def _pool_in_chunks(query: Tensor, rows, keys_of, user: Tensor, weights, biases,
 
 
 def _pool_rows(scores: Tensor, keys: Tensor, user: Tensor, offsets: Tensor, batch: int, normalization):
-    w = _SegmentSoftmax.apply(scores, user, offsets, batch) if normalization == "softmax" else scores
+    w = segment_softmax(scores, user, offsets, batch) if normalization == "softmax" else scores
     return _SegmentSum.apply(w.unsqueeze(1) * keys, user, offsets, batch), w
 
 

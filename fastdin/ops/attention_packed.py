@@ -174,17 +174,15 @@ def _mask_of(counts: Tensor, positions: Tensor) -> Tensor:
     return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device).scatter_(1, positions, valid)
 
 
-def _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, spec: Spec):
-    """`_backward`'s gradients from the packed PyTorch path (fastdin.packed), its forward recomputed
-    under autograd: for a case whose forward program this GPU ran but whose backward it refused."""
+def _torch_path(query, keys, weights, biases, act_flat, source, positions, spec: Spec):
+    """(out, scores) from the packed PyTorch path (fastdin.packed) on the kernels' inputs (the weights in
+    the keys' dtype, as the kernels read them)."""
     from fastdin import packed
     from fastdin.reference import DiceParams
 
-    inputs = [query, keys, *weights, *biases, *act_flat]
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    query, keys, tensors = leaves[0], leaves[1], [t.to(leaves[1].dtype) for t in leaves[2:]]
+    weights, biases, act_flat = ([t.to(keys.dtype) for t in group] for group in (weights, biases, act_flat))
     layers = len(weights)
-    act_layers = _per_layer(tensors[2 * layers:], spec.per_layer, layers - 1)
+    act_layers = _per_layer(act_flat, spec.per_layer, layers - 1)
     if spec.activation == "prelu":
         act_params = [layer[0] for layer in act_layers]
     elif spec.activation == "dice":
@@ -194,19 +192,40 @@ def _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_f
         act_params = None
     where = (dict(offsets=source) if spec.jagged else dict(lengths=source) if positions is None
              else dict(mask=_mask_of(source, positions)))
-    with torch.enable_grad():
-        out, scores = packed.attention_pool(
-            query, keys, tensors[:layers], tensors[layers:2 * layers], activation=spec.activation,
-            act_params=act_params, normalization="softmax" if spec.softmax else None, return_scores=True, **where)
-        outputs, grads_in = [out], [grad_out]
-        if grad_scores is not None and spec.return_scores:
-            outputs.append(scores)
-            grads_in.append(grad_scores)
-        grads = torch.autograd.grad(outputs, leaves, grads_in, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return packed.attention_pool(query, keys, list(weights), list(biases), activation=spec.activation,
+                                 act_params=act_params, normalization="softmax" if spec.softmax else None,
+                                 return_scores=True, **where)
+
+
+def _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, spec: Spec):
+    """`_backward`'s gradients from the packed PyTorch path, its forward recomputed: for a case whose
+    backward program this GPU refused. torch.func.vjp, as autograd is off inside a custom op's body."""
+    layers = len(weights)
+
+    def forward(query, keys, *tensors):
+        return _torch_path(query, keys, tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:], source,
+                           positions, spec)
+
+    (out, scores), vjp = torch.func.vjp(forward, query, keys, *weights, *biases, *act_flat)
+    if grad_scores is None or not spec.return_scores:
+        grad_scores = torch.zeros_like(scores)
+    grads = list(vjp((grad_out.to(out.dtype), grad_scores.to(scores.dtype))))
     keep = set(_trainable(spec.activation, spec.per_layer))
     acts = [g for i, g in enumerate(grads[2 + 2 * layers:]) if i % spec.per_layer in keep]
     return grads[:2 + 2 * layers] + acts
+
+
+def _grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out, scores, lse,
+           spec: Spec):
+    """The kernels' gradients, or the recomputed ones where this GPU refused a program of the case
+    (now, or before: then the forward may have run on the torch path, without the kernels' lse)."""
+    if refusal(FAMILY, keys, weights) is None:
+        try:
+            return _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions,
+                             out, scores, lse, spec)
+        except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
+            record_refusal(FAMILY, keys, weights, error)
+    return _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, spec)
 
 
 class _PackedAttentionFunction(torch.autograd.Function):
@@ -228,13 +247,8 @@ class _PackedAttentionFunction(torch.autograd.Function):
         query, keys, source, positions, out, scores, lse, weights, biases, act_flat = _restored(ctx)
         if grad_out is None:  # only the scores were used
             grad_out = torch.zeros_like(out)
-        try:
-            grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions,
-                              out, scores, lse, ctx.spec)
-        except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
-            record_refusal(FAMILY, keys, weights, error)
-            grads = _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source,
-                                      positions, ctx.spec)
+        grads = _grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out, scores,
+                       lse, ctx.spec)
         layers = ctx.layers
         no_grads = (None,) * 4  # source, positions, spec, layers
         return (grads[0], grads[1], *no_grads, *grads[2:2 + 2 * layers],
@@ -242,14 +256,27 @@ class _PackedAttentionFunction(torch.autograd.Function):
 
 
 # The custom ops (torch.compile, export) take the Spec as its fields: a schema holds no NamedTuple. Their
-# schemas stay as they were: graphs in torch's on-disk compile caches call them with these arguments.
+# schemas stay as they were: graphs in torch's on-disk compile caches call them with these arguments. A
+# cached backward graph is found by the forward graph's key alone (pytorch/pytorch#144344), so a changed
+# backward op schema fails in the graphs users have cached (seen here: a cache from the old schema).
 @torch.library.custom_op("fastdin::packed_attention_pool", mutates_args=())
 def _packed_op(query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[Tensor], act_flat: list[Tensor],
                source: Tensor, positions: Optional[Tensor], jagged: bool, activation: str, dice_eps: float,
                dice_affine: bool, softmax: bool, return_scores: bool, per_layer: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [B, D], scores (keys' layout without D) or empty, softmax log-sum-exp [B] fp32 or empty)."""
+    """(out [B, D], scores (keys' layout without D) or empty, softmax log-sum-exp [B] fp32 or empty).
+    A compiled graph calls this op whatever the GPU refuses: a refused case runs on the torch path here
+    (its lse is then not the kernels', and the backward op recomputes its gradients)."""
     spec = Spec(jagged, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
-    return _forward(query, keys, weights, biases, act_flat, source, positions, spec)
+    if refusal(FAMILY, keys, weights) is None:
+        try:
+            return _forward(query, keys, weights, biases, act_flat, source, positions, spec)
+        except LAUNCH_REFUSED:
+            pass  # recorded by _forward
+    with torch.no_grad():
+        out, scores = _torch_path(query, keys, weights, biases, act_flat, source, positions, spec)
+    empty = keys.new_empty(0)
+    lse = torch.zeros(query.shape[0] if softmax else 0, dtype=torch.float32, device=keys.device)
+    return out, scores if return_scores else empty, lse
 
 
 @_packed_op.register_fake
@@ -268,8 +295,8 @@ def _packed_backward_op(grad_out: Tensor, grad_scores: Optional[Tensor], query: 
                         activation: str, dice_eps: float, dice_affine: bool, softmax: bool, return_scores: bool,
                         per_layer: int) -> list[Tensor]:
     spec = Spec(jagged, activation, dice_eps, dice_affine, softmax, return_scores, per_layer)
-    grads = _backward(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out, scores,
-                      lse, spec)
+    grads = _grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, out, scores, lse,
+                   spec)
     # the weight gradients are views of one buffer; a custom op's outputs may not alias each other
     return grads[:2] + [g.clone() for g in grads[2:]]
 
