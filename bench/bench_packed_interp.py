@@ -1,8 +1,9 @@
 """The packed-rows attention kernels on a CPU: work in proportion to the lengths, and the host cost.
 
 1. Under Triton's interpreter (TRITON_INTERPRET=1), forward + backward through the launchers at
-   B=4, T=1024, D=32, hidden 80/40, sigmoid, fp32: every length T against every length 1. The
-   interpreter runs each tile's operations, so its time follows the work the kernels do.
+   B=4, T=1024, D=32, hidden 80/40, sigmoid, fp32: every length T against every length 1, for the
+   packed kernels and for the per-user ones (which stop at each user's last tile). The interpreter
+   runs each tile's operations, so its time follows the work the kernels do.
 2. Host time per call at the paper shape (B=2048, T=100, D=32, 80/40, sigmoid, lengths) with the
    @triton.jit kernels replaced by no-ops: what the launch path itself costs (argument building,
    allocations, caches), without Triton's own argument binding. Inference is one forward; a
@@ -26,6 +27,7 @@ import triton  # noqa: E402
 
 from fastdin.bench.measure import interleaved_times, kernels_replaced  # noqa: E402
 from fastdin.kernels import attention_packed as packed  # noqa: E402
+from fastdin.kernels import attention_pool as per_user  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "packed_interp_cpu.csv")
 
@@ -38,6 +40,15 @@ def make_inputs(batch, seq_len, dim, hidden, lengths_value, requires_grad=False)
     biases = [torch.zeros(o, requires_grad=requires_grad) for o in sizes[1:]]
     lengths = torch.full((batch,), lengths_value, dtype=torch.int64)
     return query, keys, weights, biases, lengths
+
+
+def per_user_step(query, keys, weights, biases, lengths):
+    """Forward + backward through the per-user kernels' launchers (fp32 on CUDA, training-mode Dice)."""
+    out, _scores, lse = per_user.attention_pool_forward(query, keys, weights, biases, [], lengths, None, "sigmoid",
+                                                        0.0, False, False, False)
+    per_user.attention_pool_backward(_grad_like(out), None, query, keys, weights, biases, [], lengths, None, lse, None,
+                                     "sigmoid", 0.0, False, False)
+    return out
 
 
 def launcher_step(query, keys, weights, biases, lengths, backward=True):
@@ -113,21 +124,22 @@ def main():
 
 
 def interpreter_rows(base, repeats):
-    """1. length-proportional work under the interpreter."""
+    """1. length-proportional work under the interpreter: the packed kernels, then the per-user ones."""
     rows = []
     shape = dict(batch=4, seq_len=1024, dim=32, hidden=(80, 40))
     full = make_inputs(**shape, lengths_value=1024)
     short = make_inputs(**shape, lengths_value=1)
-    launcher_step(*short)  # warm-up (Triton's interpreter builds its function cache)
-    medians = interleaved_medians({"lengths T": lambda: launcher_step(*full),
-                                   "lengths 1": lambda: launcher_step(*short)}, repeats)
-    ratio = medians["lengths T"] / medians["lengths 1"]
-    print(f"interpreter fwd+bwd B=4 T=1024 D=32 80/40: lengths T {medians['lengths T'] * 1e3:.1f} ms, "
-          f"lengths 1 {medians['lengths 1'] * 1e3:.1f} ms, ratio {ratio:.1f}x")
-    for name, seconds in medians.items():
-        rows.append(dict(base, measure="interpreter fwd+bwd", config=f"B4 T1024 D32 80/40 sigmoid fp32, {name}",
-                         median_us=round(seconds * 1e6, 1), ratio=round(ratio, 2) if name == "lengths T" else ""))
-
+    for kernels, step in (("packed", launcher_step), ("per-user", per_user_step)):
+        step(*short)  # warm-up (Triton's interpreter builds its function cache)
+        medians = interleaved_medians({"lengths T": lambda: step(*full), "lengths 1": lambda: step(*short)}, repeats)
+        ratio = medians["lengths T"] / medians["lengths 1"]
+        print(f"interpreter fwd+bwd, {kernels} kernels, B=4 T=1024 D=32 80/40: lengths T "
+              f"{medians['lengths T'] * 1e3:.1f} ms, lengths 1 {medians['lengths 1'] * 1e3:.1f} ms, ratio {ratio:.1f}x")
+        label = "" if kernels == "packed" else "per-user kernels, "
+        for name, seconds in medians.items():
+            rows.append(dict(base, measure="interpreter fwd+bwd",
+                             config=f"B4 T1024 D32 80/40 sigmoid fp32, {label}{name}",
+                             median_us=round(seconds * 1e6, 1), ratio=round(ratio, 2) if name == "lengths T" else ""))
     return rows
 
 

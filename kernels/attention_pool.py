@@ -4,7 +4,9 @@ For user b with candidate q and history keys k_t the MLP sees x_t = [q, k_t, q -
 first layer is folded per user (see docs/design.md, "Folding the first layer"): x_t W1 + b1 = k_t W_b + c_b with
 W_b = Wk - Wd + diag(q) Wp and c_b = q (Wq + Wd) + b1, so the [B, T, 4D] concat is never built.
 The kernels read the `nn.Linear` weights with masked loads (a non-contiguous one is copied first). Each program walks its
-users (grid-stride loop) tile by tile over T; biases and activation parameters are loaded once per
+users (grid-stride loop) tile by tile over T, up to the tile holding the user's last valid position
+(`_extent`; the padding past it is only zero-filled where an output needs it, so work follows the
+lengths, except for Dice statistics over all t < T); biases and activation parameters are loaded once per
 program, the weight matrices are re-read where they are used (from L1/L2): held in registers across
 the loops they made ptxas (sm_90) spill heavily and pushed the backward of 256/128/64 layers past
 the 227 KB of shared memory an H200 block may use. The backward recomputes the activations from the
@@ -108,6 +110,35 @@ def _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt,
         flags = tl.load(mask_ptr + b64 * stride_mb + offs_t * stride_mt, mask=offs_t < T, other=0)
         valid = valid & (flags != 0)
     return valid
+
+
+@triton.jit
+def _extent(T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr,
+            BLOCK_T: tl.constexpr):
+    """1 + user b's last valid position (0 with none): the loops over t stop at the tile holding it, so
+    the padding past it is never computed and work follows the lengths. A mask costs one read of its
+    row first. int32 (T < 2^31)."""
+    reach = T
+    if HAS_MASK:
+        reach = 0
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK)
+            reach = tl.maximum(reach, tl.max(tl.where(valid, offs_t + 1, 0), axis=0))
+    elif HAS_LENGTHS:
+        reach = tl.minimum(tl.maximum(tl.load(len_ptr + b64), 0), T).to(tl.int32)
+    return reach
+
+
+@triton.jit
+def _store_zeros_past(ptr, reach, T, width, stride_t, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Zeros at [t, :width] (row stride stride_t) for t from the end of the tile holding `reach` - 1
+    (the loops over t stop there) to T: the padding an output must still hold as zeros."""
+    cols = tl.arange(0, BLOCK_W)
+    for t0 in range(tl.cdiv(reach, BLOCK_T) * BLOCK_T, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        ok = (offs_t < T)[:, None] & (cols < width)[None, :]
+        tl.store(ptr + offs_t[:, None] * stride_t + cols[None, :], tl.zeros([BLOCK_T, BLOCK_W], tl.float32), mask=ok)
 
 
 @triton.jit
@@ -298,7 +329,11 @@ def _attention_pool_fwd_kernel(
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         m_i = tl.max(tl.full([BLOCK_T], -1.0e30, tl.float32), axis=0)  # running max (softmax)
         l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)  # running sum of exp (softmax)
-        for t0 in range(0, T, BLOCK_T):
+        reach = _extent(T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK, BLOCK_T)
+        if STATS_LAYER > 0:
+            if COUNT_ALL:  # statistics over every t < T
+                reach = T
+        for t0 in range(0, reach, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t < T
             valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK)
@@ -338,13 +373,15 @@ def _attention_pool_fwd_kernel(
             tl.store(lse_ptr + b64, lse)
             if STORE_SCORES:
                 tl.debug_barrier()  # the raw scores above were written by other threads of this program
-                for t0 in range(0, T, BLOCK_T):
+                for t0 in range(0, reach, BLOCK_T):
                     offs_t = t0 + tl.arange(0, BLOCK_T)
                     tmask = offs_t < T
                     valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt,
                                              HAS_LENGTHS, HAS_MASK)
                     s = tl.load(scores_ptr + b64 * stride_sb + offs_t, mask=tmask, other=0.0)
                     tl.store(scores_ptr + b64 * stride_sb + offs_t, tl.where(valid, tl.exp(s - lse), 0.0), mask=tmask)
+        if STORE_SCORES:
+            _store_zeros_past(scores_ptr + b64 * stride_sb, reach, T, 1, 1, BLOCK_T, 1)
         if STATS_LAYER == 0:
             tl.store(out_ptr + b64 * stride_ob + offs_d, acc, mask=dmask)
     if STATS_LAYER > 0:
@@ -450,7 +487,11 @@ def _attention_pool_bwd_kernel(
             delta = tl.load(delta_ptr + b64)  # sum_t w_t dL/dw_t = out_b . g_b (+ scores . grad_scores)
         dW_b = tl.zeros_like(W_b)
         dc_b = tl.zeros_like(BS[0])
-        for t0 in range(0, T, BLOCK_T):
+        reach = _extent(T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK, BLOCK_T)
+        if DICE_TRAIN:
+            if COUNT_ALL:  # the padding is in the batch statistics, so it gets their gradient
+                reach = T
+        for t0 in range(0, reach, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t < T
             valid = _valid_positions(offs_t, T, b64, len_ptr, mask_ptr, stride_mb, stride_mt, HAS_LENGTHS, HAS_MASK)
@@ -500,6 +541,7 @@ def _attention_pool_bwd_kernel(
                     dk_offs = b64 * T * D + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
                     tl.store(dk_ptr + dk_offs, dk, mask=tile_mask)
         if SUMS_LAYER == 0:
+            _store_zeros_past(dk_ptr + b64 * T * D, reach, T, D, D, BLOCK_T, BLOCK_D)
             S1 += dW_b
             S2 += q[:, None] * dW_b
             U += q[:, None] * dc_b[None, :]

@@ -104,6 +104,17 @@ def test_several_tiles(monkeypatch):
                torch.float32, DEVICES[0])
 
 
+@pytest.mark.parametrize("dice_stats", ["valid", "all"])
+def test_histories_that_end_early(dice_stats, monkeypatch):
+    """16-row tiles over T = 45, histories of 45, 33, 16 and 3 positions and an empty one: the loops stop
+    at each user's last tile, except when the statistics count the padding too ("all")."""
+    monkeypatch.setattr(attention_kernels, "_pick_block_t", lambda seq_len, widths, budget: 16)
+    case = TrainCase(5, (6, 4), seq_len=45, batch=5, dice_stats=dice_stats, normalization="softmax")
+    leaves, positions = make_inputs(case, DEVICES[0])
+    positions["lengths"] = torch.tensor([45, 33, 16, 3, 0], device=DEVICES[0])
+    check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)
+
+
 def test_deterministic_and_saves_no_activations():
     """Two identical training steps give the same bits (fixed-order reductions), and autograd keeps
     nothing of [B, T, H] size (the keys [B, T, D] with D < H, the weights and O(L H) statistics)."""

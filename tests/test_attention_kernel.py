@@ -105,6 +105,36 @@ def test_histories_of_ten_thousand_positions(path, normalization, monkeypatch):
                             backend="torch" if path == "torch" else "triton")
 
 
+REACHES = [3, 45, 16, 33, 32, 0]  # 1 + each user's last valid position, over three 16-row tiles
+
+
+def positions_reaching(reaches, seq_len, kind):
+    """lengths = reaches, or a mask with holes whose last valid position is reach - 1."""
+    reach = torch.tensor(reaches)
+    if kind == "lengths":
+        return {"lengths": reach}
+    t = torch.arange(seq_len)
+    mask = (torch.rand(len(reaches), seq_len) < 0.6) & (t < reach[:, None])
+    mask[reach > 0, (reach - 1).clamp(min=0)[reach > 0]] = True
+    return {"mask": mask}
+
+
+@pytest.mark.parametrize("kind", ["lengths", "mask"])
+@pytest.mark.parametrize("activation,normalization", [("prelu", None), ("sigmoid", "softmax")])
+def test_per_user_kernels_stop_at_each_users_last_valid_position(kind, activation, normalization, monkeypatch):
+    """The per-user kernels' loops over t stop at the tile holding each user's last valid position; the
+    padding past it still gets its zeros (scores, key gradients: poisoned buffers). Forced 16-row
+    tiles, histories that end inside, at the end of and past a tile, and an empty one."""
+    from fastdin.ops import attention_packed
+
+    monkeypatch.setattr(attention_packed, "packed_gap", lambda *args: "the test forces the per-user kernels")
+    monkeypatch.setattr(attention_kernels, "_pick_block_t", lambda seq_len, widths, budget: 16)
+    case = Case(6, (8, 4), activation, seq_len=45, batch=len(REACHES), positions=kind, normalization=normalization)
+    leaves, _ = make_inputs(case, DEVICES[0])
+    positions = {name: value.to(DEVICES[0]) for name, value in positions_reaching(REACHES, 45, kind).items()}
+    check_against_reference(case, torch.float32, DEVICES[0], run, leaves, positions)
+
+
 def test_several_tiles_and_programs_forced():
     """Force 16-row tiles and one program for all users: the online softmax and the grid-stride loop."""
     case = Case(7, (13, 5), "sigmoid", seq_len=37, batch=3, normalization="softmax")

@@ -104,6 +104,27 @@ MUTANTS = [
       "valid = valid & (offs_t <= tl.load(len_ptr + b64))", "position t = length counts as valid", ATTENTION_TESTS),
     Mutant("attn-bwd-tile-bound-off-by-one", ATTENTION, [("            tmask = offs_t < T\n", "            tmask = offs_t < T - 1\n")],
            "backward: the last position of every row is never loaded nor stored", ATTENTION_TESTS, occurrence=1),
+    M("attn-dk-padding-zeros-skipped", ATTENTION,
+      "            _store_zeros_past(dk_ptr + b64 * T * D, reach, T, D, D, BLOCK_T, BLOCK_D)", "            pass",
+      "backward: the key gradient past a user's last tile is never written (uninitialised memory)", ATTENTION_TESTS),
+    M("attn-scores-padding-zeros-skipped", ATTENTION,
+      "            _store_zeros_past(scores_ptr + b64 * stride_sb, reach, T, 1, 1, BLOCK_T, 1)", "            pass",
+      "forward: the returned scores past a user's last tile are never written", ATTENTION_TESTS),
+    M("attn-mask-reach-last-tile-only", ATTENTION,
+      "reach = tl.maximum(reach, tl.max(tl.where(valid, offs_t + 1, 0), axis=0))",
+      "reach = tl.max(tl.where(valid, offs_t + 1, 0), axis=0)",
+      "a mask's reach is taken from its last tile only: a history that ends early is never computed", ATTENTION_TESTS),
+    M("attn-stats-count-all-reach-dropped", ATTENTION,
+      "            if COUNT_ALL:  # statistics over every t < T\n                reach = T\n",
+      "            if COUNT_ALL:  # statistics over every t < T\n                reach = reach\n",
+      "Dice statistics over all t < T stop at each user's last valid position", ATTENTION_TESTS),
+    M("attn-bwd-count-all-reach-dropped", ATTENTION,
+      "            if COUNT_ALL:  # the padding is in the batch statistics, so it gets their gradient\n"
+      "                reach = T\n",
+      "            if COUNT_ALL:  # the padding is in the batch statistics, so it gets their gradient\n"
+      "                reach = reach\n",
+      "backward with Dice statistics over all t < T: the padding past a user's last tile gets no gradient through "
+      "them", ATTENTION_TESTS),
     # ---------------------------------------------------------------- attention kernel: activations
     # ---------------------------------------------------------------- both attention kernels (kernels/mlp.py)
     M("mlp-prelu-bwd-slope-dropped", MLP, "dx = tl.where(x >= 0, dh, a[None, :] * dh)", "dx = tl.where(x >= 0, dh, dh)",
