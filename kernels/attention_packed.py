@@ -50,6 +50,9 @@ POISON_OUTPUTS = False
 # every product of its tile has M = a hidden width or 4 BLOCK_D, so they stay wgmma (sm_90 builds at the
 # paper shape: 444 B of spills per thread with 32 rows, 100 B with 16; 1484 B before, row-major dk, 64 rows).
 BLOCK_M = 64
+# the forward over first layers wider than 128: with 64 rows the sm_90 builds spilled 84 B (D = 32,
+# 256/128) and 60 B (the seed shape) per thread, with 32 rows 0 and 16 B
+BLOCK_M_WIDE = 32
 BLOCK_M_BWD = 16
 BLOCK_B = 1024  # lengths scanned per step
 NUM_WARPS_FWD = 8
@@ -167,24 +170,12 @@ def _high_low(values, DT: tl.constexpr):
 
 
 @triton.jit
-def _segment_totals(same, values, DT: tl.constexpr):
-    """For each row, the sum of `values` [M, X] over the rows of its user in this tile (`same` [M, M]:
-    row r and live row r' belong to one user). A product with the 0/1 matrix: tensor cores for 16-bit
-    compute dtypes (values split by `_high_low`); exact fp32 products (ieee) for fp32. A scan would do
-    the same work, but Triton's interpreter runs a custom scan element by element in Python."""
-    if DT == tl.float32:
-        totals = tl.dot(same.to(tl.float32), values, input_precision="ieee")
-    else:
-        high, low = _high_low(values, DT)
-        ones = same.to(DT)
-        totals = tl.dot(ones, low, tl.dot(ones, high))
-    return totals
-
-
-@triton.jit
 def _segment_totals_fm(same, values, DT: tl.constexpr):
-    """`_segment_totals` of feature-major values [X, M]: values same^T, so the MMA's M is X (with the
-    high and low parts stacked, 2X), not the rows."""
+    """For each row, the sum of feature-major `values` [X, M] over the rows of its user in this tile
+    (`same` [M, M]: row r and live row r' belong to one user), as values same^T: the MMA's M is X
+    (with the high and low parts of `_high_low` stacked, 2X), not the rows, so it stays wgmma with
+    small tiles. Tensor cores for 16-bit compute dtypes; exact fp32 products (ieee) for fp32. A scan
+    would do the same work, but Triton's interpreter runs a custom scan element by element in Python."""
     if DT == tl.float32:
         totals = tl.dot(values, tl.trans(same.to(tl.float32)), input_precision="ieee")
     else:
@@ -193,6 +184,12 @@ def _segment_totals_fm(same, values, DT: tl.constexpr):
         totals = tl.sum(tl.reshape(tl.dot(both, tl.trans(same.to(DT))), [2, values.shape[0], values.shape[1]]),
                         axis=0)
     return totals
+
+
+@triton.jit
+def _segment_totals(same, values, DT: tl.constexpr):
+    """`_segment_totals_fm` of row-major values [M, X], returned row-major (transposed views)."""
+    return tl.trans(_segment_totals_fm(same, tl.trans(values), DT))
 
 
 @triton.jit
@@ -804,7 +801,7 @@ def packed_attention_forward(
     lse = _new((batch,), torch.float32, device) if softmax else None
     if batch == 0:
         return out, scores, lse
-    block = block_m or BLOCK_M
+    block = block_m or (BLOCK_M if plan.meta["BH"][0] <= 128 else BLOCK_M_WIDE)
     programs = num_programs or _num_programs(device, n_values if rows.jagged else batch * seq_len, block, 2)
     offs = _new((batch,), torch.int64, device)
     W, BIAS, ACTP, SLOPE = layer_tuples(weights, biases, act_tensors, activation)

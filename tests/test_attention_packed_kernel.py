@@ -41,7 +41,7 @@ class Case:
     shared_slope: bool = True
     dice_affine: bool = False
     dice_eps: float = 1e-5  # 0.5: comparable to the running variances in [0.5, 1.5), so eps counts
-    block_m: int = 16
+    block_m: Optional[int] = 16  # None: the launchers' own
     programs: int = 2
     lengths: Optional[Sequence[int]] = None  # fixed lengths, else random in [0, T] with the last 0
 
@@ -213,6 +213,8 @@ CASES = [
     Case(16, (20, 12, 6), "sigmoid", positions="all", batch=2, block_m=32),
     Case(5, (6, 7, 8, 9), "relu", seq_len=19, positions="jagged", softmax=True, programs=3),
     Case(6, (9, 4), "dice", seq_len=11, dice_affine=True, dice_eps=0.5),
+    # the launchers' own tiles: a first layer wider than 128 takes 32-row forward tiles
+    Case(4, (136, 4), "sigmoid", seq_len=45, softmax=True, block_m=None, lengths=[45, 33, 20]),
 ]
 
 
@@ -353,12 +355,12 @@ def test_builds_for_sm90_with_wgmma_within_shared_memory(sm90_builds, case):
         assert builds[name]["wgmma"] > 0 and builds[name]["mma_sync"] == 0, (name, builds[name])
 
 
-# what ptxas spills today (bytes per thread, paper shape, bf16): the backward misses the 0-byte
+# what ptxas spills today (bytes per thread, bf16): the backwards and the seed forward miss the 0-byte
 # target (docs/design.md, "What the sm_90 builds say"); strict, so a fix shows up as an unexpected pass
 SPILLING = {("paper", "bf16", False, "_packed_bwd_kernel"): "100 B", ("paper", "bf16", True, "_packed_bwd_kernel"): "80 B",
             ("paper-prelu", "bf16", False, "_packed_bwd_kernel"): "192 B",
-            ("wide", "bf16", False, "_packed_fwd_kernel"): "160 B", ("wide", "bf16", False, "_packed_bwd_kernel"): "about 2.4 KB",
-            ("seed", "bf16", False, "_packed_fwd_kernel"): "340 B", ("seed", "bf16", False, "_packed_bwd_kernel"): "about 6.3 KB"}
+            ("wide", "bf16", False, "_packed_bwd_kernel"): "about 2.4 KB",
+            ("seed", "bf16", False, "_packed_fwd_kernel"): "16 B", ("seed", "bf16", False, "_packed_bwd_kernel"): "about 6.3 KB"}
 SPILL_PARAMS = [pytest.param(case, kernel, id=f"{sm90_case_id(*case)}-{kernel}",
                              marks=[pytest.mark.xfail(strict=True, reason=f"spills {SPILLING[(*case, kernel)]}")]
                              if (*case, kernel) in SPILLING else [])
