@@ -126,25 +126,58 @@ def test_refused_everywhere_names_the_shared_memory(monkeypatch, on_kernel_devic
         functional.attention_pool(query, keys, weights, biases, lengths=torch.tensor([5, 0, 2]), backend="triton")
 
 
-def test_a_refused_per_user_backward_says_so(monkeypatch, on_kernel_device):
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_refused_per_user_backward_recomputes_on_the_torch_path(case, monkeypatch):
+    """The forward ran on the per-user kernels; the gradients come from fastdin.packed, recomputed."""
+    calls = []
     monkeypatch.setattr(packed_ops, "packed_gap", lambda *args: "the test forces the per-user kernels")
+    monkeypatch.setattr(per_user_kernels, "attention_pool_backward", refused(calls))
+    leaves, positions = make_inputs(case, DEVICES[0])
+    with pytest.warns(RuntimeWarning, match="per-user kernels needs"):
+        check_against_reference(case, DTYPE, DEVICES[0], run, leaves, positions)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("refused_launcher", ["attention_pool_forward", "attention_pool_backward"])
+@pytest.mark.parametrize("case", CASES[:2], ids=str)
+def test_a_compiled_graph_runs_a_refused_per_user_case_on_the_torch_path(case, refused_launcher, monkeypatch):
+    """As for the packed ops: the per-user custom ops run a refused case on the torch path themselves."""
+    torch._dynamo.reset()
+    calls = []
+    monkeypatch.setattr(packed_ops, "packed_gap", lambda *args: "the test forces the per-user kernels")
+    monkeypatch.setattr(per_user_kernels, refused_launcher, refused(calls))
+    leaves, positions = make_inputs(case, DEVICES[0])
+    with pytest.warns(RuntimeWarning, match=f"per-user kernels needs {NEEDED} B"):
+        check_against_reference(case, DTYPE, DEVICES[0], compiled_run, leaves, positions)
+    assert len(calls) == 1  # a later trace finds the refusal: backend="triton" then has nowhere to go
+
+
+def test_a_refused_per_user_training_dice_backward_says_so(monkeypatch, on_kernel_device):
+    """Training-mode Dice cannot recompute its backward: its batch statistics are this step's."""
     monkeypatch.setattr(per_user_kernels, "attention_pool_backward", refused([]))
     query, keys = torch.randn(3, 4, dtype=DTYPE, requires_grad=True), torch.randn(3, 5, 4, dtype=DTYPE)
     weights, biases = small_mlp()
-    out = functional.attention_pool(query, keys, weights, biases, lengths=torch.tensor([5, 0, 2]), backend="triton")
+    dice = [DiceParams(torch.rand(6, dtype=DTYPE), torch.zeros(6, dtype=DTYPE), torch.ones(6, dtype=DTYPE), training=True)]
+    out = functional.attention_pool(query, keys, weights, biases, activation="dice", act_params=dice,
+                                    lengths=torch.tensor([5, 1, 2]), backend="triton")
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="the attention backward: .* allows"):
         out.sum().backward()
 
 
-def test_a_refused_training_dice_step_says_so(monkeypatch, on_kernel_device):
-    """The statistics passes of the layers below may have updated their running statistics: no retry."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_refused_training_dice_step_says_so(compiled, monkeypatch, on_kernel_device):
+    """The statistics passes of the layers below may have updated their running statistics: no retry,
+    in eager mode or in a compiled graph (the ops say so themselves)."""
+    torch._dynamo.reset()
     monkeypatch.setattr(per_user_kernels, "attention_dice_batch_stats", refused([]))
     query, keys = torch.randn(3, 4, dtype=DTYPE), torch.randn(3, 5, 4, dtype=DTYPE)
     weights, biases = small_mlp()
     dice = [DiceParams(torch.rand(6, dtype=DTYPE), torch.zeros(6, dtype=DTYPE), torch.ones(6, dtype=DTYPE), training=True)]
+    pool = torch.compile(functional.attention_pool, backend="aot_eager", fullgraph=True) if compiled \
+        else functional.attention_pool
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="training-mode Dice: .* allows"):
-        functional.attention_pool(query, keys, weights, biases, activation="dice", act_params=dice,
-                                  lengths=torch.tensor([5, 0, 2]), backend="triton")
+        pool(query, keys, weights, biases, activation="dice", act_params=dice, lengths=torch.tensor([5, 1, 2]),
+             backend="triton")
     assert "allows" in attention_kernel_gap(keys, weights, "dice", dice)
 
 

@@ -113,9 +113,19 @@ def _attention_dice_stats(
         act_tensors += [alpha, running_means[layer], running_vars[layer]]
         if affine:
             act_tensors += [dice_weights[layer], dice_biases[layer]]
-    return _attention_kernels().attention_dice_batch_stats(
-        query, keys, weights, biases, act_tensors, lengths, mask, dice_eps, affine, count_all, momenta,
-    )
+    try:
+        return _attention_kernels().attention_dice_batch_stats(
+            query, keys, weights, biases, act_tensors, lengths, mask, dice_eps, affine, count_all, momenta,
+        )
+    except LAUNCH_REFUSED as error:
+        raise _dice_step_refused(keys, weights, error) from error
+
+
+def _dice_step_refused(keys, weights, error) -> RuntimeError:
+    """Record a refused training-mode Dice program and say why the step cannot be retried."""
+    reason = record_refusal(FAMILY, keys, weights, error)
+    return RuntimeError(f"training-mode Dice: {reason}; this step's running statistics may be updated in part. "
+                        f"The next calls of this case go elsewhere; backend='torch' runs it")
 
 
 class Spec(NamedTuple):
@@ -153,11 +163,39 @@ def _attention_pool_op(
 
     Training-mode Dice: act_tensors hold the batch statistics as the layers' mean/var, and
     dice_count (not None) the count of the positions they were taken over; the backward then
-    includes the terms through the statistics."""
-    return _attention_kernels().attention_pool_forward(
-        query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
-        softmax, return_scores,
-    )
+    includes the terms through the statistics.
+
+    A compiled graph calls this op whatever the GPU refuses: a refused case (now, or recorded since
+    the graph was traced) runs on the torch path here, its lse then zeros (the backward op recomputes);
+    training-mode Dice cannot, and says why."""
+    training = dice_count is not None
+    if training or refusal(FAMILY, keys, weights) is None:
+        try:
+            return _attention_kernels().attention_pool_forward(
+                query, keys, weights, biases, act_tensors, lengths, mask, activation, dice_eps, dice_affine,
+                softmax, return_scores,
+            )
+        except LAUNCH_REFUSED as error:
+            if training:
+                raise _dice_step_refused(keys, weights, error) from error
+            record_refusal(FAMILY, keys, weights, error)
+    spec = Spec(activation, dice_eps, dice_affine, softmax, return_scores, dice_count_all)
+    with torch.no_grad():
+        out, scores = attention_packed.torch_path(query, keys, weights, biases, act_tensors, _packed_spec(spec),
+                                                  _where(lengths, mask))
+    lse = torch.zeros(query.shape[0] if softmax else 0, dtype=torch.float32, device=keys.device)
+    return out, scores if return_scores else keys.new_empty(0), lse
+
+
+def _packed_spec(spec: Spec) -> "attention_packed.Spec":
+    """The packed ops' Spec of a per-user call, for their torch path (scores always returned)."""
+    per_layer = {"prelu": 1, "dice": 5 if spec.dice_affine else 3}.get(spec.activation, 0)
+    return attention_packed.Spec(False, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, True,
+                                 per_layer)
+
+
+def _where(lengths: Optional[Tensor], mask: Optional[Tensor]) -> dict:
+    return dict(lengths=lengths) if lengths is not None else dict(mask=mask) if mask is not None else {}
 
 
 @_attention_pool_op.register_fake
@@ -178,12 +216,35 @@ def _attention_pool_backward_op(
     softmax: bool, dice_count: Optional[Tensor], dice_count_all: bool,
 ) -> list[Tensor]:
     """[dquery, dkeys, *dweights, *dbiases, *dact]; see `attention_pool_backward` in the kernels."""
-    grads = _attention_kernels().attention_pool_backward(
+    grads = _kernel_or_recomputed_grads(
         grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
         activation, dice_eps, dice_affine, softmax, dice_count, dice_count_all,
     )
     # the weight gradients are views of one buffer; a custom op's outputs may not alias each other
     return grads[:2] + [g.clone() for g in grads[2:]]
+
+
+def _kernel_or_recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask,
+                                lse, delta, activation, dice_eps, dice_affine, softmax, dice_count, dice_count_all):
+    """The backward kernels' gradients, or where this GPU refused a program of the case (now, or
+    before: the forward may then have run on the torch path, without the kernels' lse) the torch
+    path's, its forward recomputed. Training-mode Dice cannot recompute: its statistics are this
+    step's."""
+    training = dice_count is not None
+    if training or refusal(FAMILY, keys, weights) is None:
+        try:
+            return _attention_kernels().attention_pool_backward(
+                grad_out, grad_scores, query, keys, weights, biases, act_tensors, lengths, mask, lse, delta,
+                activation, dice_eps, dice_affine, softmax, dice_count, dice_count_all,
+            )
+        except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
+            reason = record_refusal(FAMILY, keys, weights, error)
+            if training:
+                raise RuntimeError(f"the attention backward: {reason}. The next calls of this case go elsewhere; "
+                                   f"backend='torch' runs it") from error
+    spec = _packed_spec(Spec(activation, dice_eps, dice_affine, softmax, True, dice_count_all))
+    return attention_packed.recomputed_grads(grad_out, grad_scores, query, keys, list(weights), list(biases),
+                                             list(act_tensors), spec, _where(lengths, mask))
 
 
 def _trainable_act_tensors(activation: str, act_tensors: Sequence[Tensor], dice_affine: bool) -> list:
@@ -236,15 +297,10 @@ def _attention_pool_grads(ctx, grad_out, grad_scores, backward_kernels):
         delta = (out.float() * grad_out.float()).sum(-1)
         if grad_scores is not None:
             delta = delta + (scores.float() * grad_scores.float()).sum(-1)
-    try:
-        grads = backward_kernels(
-            grad_out, grad_scores, query, keys, list(weights), list(biases), list(act_tensors), lengths, mask, lse,
-            delta, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, dice_count, spec.dice_count_all,
-        )
-    except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
-        reason = record_refusal(FAMILY, keys, weights, error)
-        raise RuntimeError(f"the attention backward: {reason}. The next calls of this case go elsewhere; "
-                           f"backend='torch' runs it") from error
+    grads = backward_kernels(
+        grad_out, grad_scores, query, keys, list(weights), list(biases), list(act_tensors), lengths, mask, lse,
+        delta, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, dice_count, spec.dice_count_all,
+    )
     dquery, dkeys = grads[0], grads[1]
     dweights, dbiases = grads[2:2 + layers], grads[2 + layers:2 + 2 * layers]
     trained = iter(grads[2 + 2 * layers:])
@@ -286,9 +342,8 @@ class _AttentionPoolFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_scores, _grad_lse):
-        dquery, dkeys, dweights, dbiases, dact = _attention_pool_grads(
-            ctx, grad_out, grad_scores, _attention_kernels().attention_pool_backward
-        )
+        dquery, dkeys, dweights, dbiases, dact = _attention_pool_grads(ctx, grad_out, grad_scores,
+                                                                       _kernel_or_recomputed_grads)
         no_grads = (None,) * 5  # lengths, mask, dice_count, spec, layers
         return (dquery, dkeys, *no_grads, *dweights, *dbiases, *dact)
 
@@ -348,10 +403,9 @@ def _attention_pool_triton(query, keys, weights, biases, activation, act_params,
                 query, keys, lengths, mask, dice_count, spec, len(weights), *weights, *biases, *act_tensors,
             )
     except LAUNCH_REFUSED as error:
-        reason = record_refusal(FAMILY, keys, weights, error)
         if dice_training:  # the statistics passes of the layers below may have run: no second try
-            raise RuntimeError(f"training-mode Dice: {reason}; this step's running statistics may be updated "
-                               f"in part. The next calls of this case go elsewhere; backend='torch' runs it") from error
+            raise _dice_step_refused(keys, weights, error) from error
+        record_refusal(FAMILY, keys, weights, error)
         raise
     return out, (scores if return_scores else None)
 

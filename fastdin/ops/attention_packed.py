@@ -174,9 +174,20 @@ def _mask_of(counts: Tensor, positions: Tensor) -> Tensor:
     return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device).scatter_(1, positions, valid)
 
 
+def _where(source, positions, spec: Spec) -> dict:
+    """The positions argument of fastdin.packed.attention_pool for the packed kernels' (source, positions)."""
+    return (dict(offsets=source) if spec.jagged else dict(lengths=source) if positions is None
+            else dict(mask=_mask_of(source, positions)))
+
+
 def _torch_path(query, keys, weights, biases, act_flat, source, positions, spec: Spec):
-    """(out, scores) from the packed PyTorch path (fastdin.packed) on the kernels' inputs (the weights in
-    the keys' dtype, as the kernels read them)."""
+    return torch_path(query, keys, weights, biases, act_flat, spec, _where(source, positions, spec))
+
+
+def torch_path(query, keys, weights, biases, act_flat, spec: Spec, where: dict):
+    """(out, scores) from the packed PyTorch path (fastdin.packed) on either kernel family's inputs
+    (flat act tensors of eval-mode activations, the weights in the keys' dtype, as the kernels read
+    them); `where` is lengths=, mask= or offsets= (or nothing: every position valid)."""
     from fastdin import packed
     from fastdin.reference import DiceParams
 
@@ -190,21 +201,25 @@ def _torch_path(query, keys, weights, biases, act_flat, source, positions, spec:
                                  eps=spec.dice_eps) for layer in act_layers]
     else:
         act_params = None
-    where = (dict(offsets=source) if spec.jagged else dict(lengths=source) if positions is None
-             else dict(mask=_mask_of(source, positions)))
     return packed.attention_pool(query, keys, list(weights), list(biases), activation=spec.activation,
                                  act_params=act_params, normalization="softmax" if spec.softmax else None,
                                  return_scores=True, **where)
 
 
 def _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, spec: Spec):
-    """`_backward`'s gradients from the packed PyTorch path, its forward recomputed: for a case whose
-    backward program this GPU refused. torch.func.vjp, as autograd is off inside a custom op's body."""
+    return recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, spec,
+                            _where(source, positions, spec))
+
+
+def recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, spec: Spec, where: dict):
+    """The kernels' backward gradients ([dquery, dkeys, *dweights, *dbiases, *trained dact]) from the
+    packed PyTorch path, its forward recomputed: for a case whose backward program this GPU refused,
+    or whose forward ran on that path. torch.func.vjp, as autograd is off inside a custom op's body."""
     layers = len(weights)
 
     def forward(query, keys, *tensors):
-        return _torch_path(query, keys, tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:], source,
-                           positions, spec)
+        return torch_path(query, keys, tensors[:layers], tensors[layers:2 * layers], tensors[2 * layers:], spec,
+                          where)
 
     (out, scores), vjp = torch.func.vjp(forward, query, keys, *weights, *biases, *act_flat)
     if grad_scores is None or not spec.return_scores:
