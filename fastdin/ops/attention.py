@@ -189,9 +189,8 @@ def _attention_pool_op(
 
 def _packed_spec(spec: Spec) -> "attention_packed.Spec":
     """The packed ops' Spec of a per-user call, for their torch path (scores always returned)."""
-    per_layer = {"prelu": 1, "dice": 5 if spec.dice_affine else 3}.get(spec.activation, 0)
     return attention_packed.Spec(False, spec.activation, spec.dice_eps, spec.dice_affine, spec.softmax, True,
-                                 per_layer)
+                                 attention_packed.act_tensors_per_layer(spec.activation, spec.dice_affine))
 
 
 def _where(lengths: Optional[Tensor], mask: Optional[Tensor]) -> dict:

@@ -85,21 +85,26 @@ def worth_a_launch(estimate: int, limit: int, wgmma: bool, on_gpu: bool) -> bool
     return wgmma and on_gpu and not torch.compiler.is_compiling() and estimate <= WGMMA_SLACK * limit
 
 
+def act_tensors_per_layer(activation: str, dice_affine: bool) -> int:
+    """How many flat act tensors each hidden layer has (see `flat_act_tensors`)."""
+    return {"prelu": 1, "dice": 5 if dice_affine else 3}.get(activation, 0)
+
+
 def flat_act_tensors(activation: str, act_params):
     """(per-layer tensor count, flat act tensors, Dice eps, Dice affine) for both attention kernels'
     launchers: per layer [slope] (PReLU), [alpha, running mean, running var(, weight, bias)] (Dice).
     One eps for all layers (fastdin.ops.attention.attention_kernel_gap)."""
     if activation == "prelu":
-        return 1, [p.reshape(-1) for p in act_params], 0.0, False
+        return act_tensors_per_layer(activation, False), [p.reshape(-1) for p in act_params], 0.0, False
     if activation != "dice":
-        return 0, [], 0.0, False
+        return act_tensors_per_layer(activation, False), [], 0.0, False
     affine = act_params[0].weight is not None
     flat = []
     for p in act_params:
         flat += [p.alpha.reshape(-1), p.running_mean, p.running_var]
         if affine:
             flat += [p.weight.reshape(-1), p.bias.reshape(-1)]
-    return (5 if affine else 3), flat, float(act_params[0].eps), affine
+    return act_tensors_per_layer(activation, affine), flat, float(act_params[0].eps), affine
 
 
 def _per_layer(flat: Sequence[Tensor], per_layer: int, layers: int):
@@ -180,10 +185,6 @@ def _where(source, positions, spec: Spec) -> dict:
             else dict(mask=_mask_of(source, positions)))
 
 
-def _torch_path(query, keys, weights, biases, act_flat, source, positions, spec: Spec):
-    return torch_path(query, keys, weights, biases, act_flat, spec, _where(source, positions, spec))
-
-
 def torch_path(query, keys, weights, biases, act_flat, spec: Spec, where: dict):
     """(out, scores) from the packed PyTorch path (fastdin.packed) on either kernel family's inputs
     (flat act tensors of eval-mode activations, the weights in the keys' dtype, as the kernels read
@@ -204,11 +205,6 @@ def torch_path(query, keys, weights, biases, act_flat, spec: Spec, where: dict):
     return packed.attention_pool(query, keys, list(weights), list(biases), activation=spec.activation,
                                  act_params=act_params, normalization="softmax" if spec.softmax else None,
                                  return_scores=True, **where)
-
-
-def _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, spec: Spec):
-    return recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, spec,
-                            _where(source, positions, spec))
 
 
 def recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, spec: Spec, where: dict):
@@ -240,7 +236,8 @@ def _grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source
                              out, scores, lse, spec)
         except LAUNCH_REFUSED as error:  # the forward's program fit this GPU, the backward's did not
             record_refusal(FAMILY, keys, weights, error)
-    return _recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, source, positions, spec)
+    return recomputed_grads(grad_out, grad_scores, query, keys, weights, biases, act_flat, spec,
+                            _where(source, positions, spec))
 
 
 class _PackedAttentionFunction(torch.autograd.Function):
@@ -288,7 +285,7 @@ def _packed_op(query: Tensor, keys: Tensor, weights: list[Tensor], biases: list[
         except LAUNCH_REFUSED:
             pass  # recorded by _forward
     with torch.no_grad():
-        out, scores = _torch_path(query, keys, weights, biases, act_flat, source, positions, spec)
+        out, scores = torch_path(query, keys, weights, biases, act_flat, spec, _where(source, positions, spec))
     empty = keys.new_empty(0)
     lse = torch.zeros(query.shape[0] if softmax else 0, dtype=torch.float32, device=keys.device)
     return out, scores if return_scores else empty, lse
