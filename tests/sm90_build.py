@@ -21,12 +21,12 @@ With `--csv PATH` it also appends the table to a CSV (bench/results/sm90_builds.
 """
 import contextlib
 import importlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional
 
@@ -82,20 +82,21 @@ def capture_launches(call: Callable[[], object]) -> List[Launch]:
     return launches
 
 
-def _ptxas_usage(ptx: str, arch: str) -> Build:
-    """(registers, spill bytes) from `ptxas -v` on the PTX Triton made; shared is filled in by the caller."""
+def _ptxas_usage(backend, ptx: str, options, arch: int) -> Build:
+    """(registers, spill bytes) from the `ptxas -v` log of Triton's own ptxas step on the PTX it made
+    (its flags, e.g. --regAllocOptLevel=2 in 3.7); shared is filled in by the caller."""
     from triton import knobs
 
-    with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
-        with open(source, "w") as f:
-            f.write(ptx)
-        # Triton's own ptxas flags, so the counts are those of the cubin it built
-        done = subprocess.run([knobs.nvidia.ptxas.path, "-lineinfo", "-v", f"--gpu-name={arch}", source,
-                               "-o", source + ".o"], capture_output=True, text=True, check=True)
-    log = done.stdout + done.stderr
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    registers = re.search(r"Used (\d+) registers", log)
+    log, dumping = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            backend.make_cubin(ptx, {}, options, arch)
+    finally:
+        knobs.nvidia.dump_ptxas_log = dumping
+    text = log.getvalue()
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    registers = re.search(r"Used (\d+) registers", text)
     return Build(0, int(registers.group(1)), int(spills.group(1)), int(spills.group(2)))
 
 
@@ -108,7 +109,6 @@ def compile_launch(launch: Launch, arch: int = 90) -> Build:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -125,7 +125,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> Build:
     if key not in _BUILT:
         compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
                                   options=options.__dict__)
-        usage = _ptxas_usage(compiled.asm["ptx"], sm_arch_from_capability(target.arch))
+        usage = _ptxas_usage(backend, compiled.asm["ptx"], options, target.arch)
         ptx = compiled.asm["ptx"]
         _BUILT[key] = usage._replace(shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
                                      mma_sync=ptx.count("mma.sync"))
