@@ -205,7 +205,8 @@ class Workload:
         linears = list(pool.mlp.linears) + [pool.score]
         act_params = [a.params() if isinstance(a, Dice) else getattr(a, "weight", None) for a in pool.mlp.activations]
         gap = functional.attention_kernel_gap(keys, [m.weight for m in linears], pool.mlp.activation, act_params)
-        attention = functional.choose_backend("auto", self.device, gap, "attention_pool", has_torch_path=True)
+        attention = functional.choose_backend("auto", self.device, gap, "attention_pool", has_torch_path=True,
+                                              slow_kernel=functional.attention_slow_kernel(keys))
         if c.kind == "attention":
             return attention
         rows = torch.empty(c.batch, self.model.mlp.linears[0].out_features, device=self.device, dtype=self.dtype)

@@ -217,15 +217,17 @@ def _attention_case(activation: str, dtype: torch.dtype, device: torch.device):
     return keys, [m.weight for m in linears], act_params
 
 
-def _auto_choice(device: torch.device, gap: Optional[str], has_torch_path: bool = False) -> str:
-    chosen = functional.choose_backend("auto", device, gap, "info", has_torch_path=has_torch_path)
+def _auto_choice(device: torch.device, gap: Optional[str], has_torch_path: bool = False,
+                 slow_kernel: Optional[str] = None) -> str:
+    chosen = functional.choose_backend("auto", device, gap, "info", has_torch_path=has_torch_path,
+                                       slow_kernel=slow_kernel)
     if chosen == "triton":
         return "triton"
     if device.type != "cuda":
         return f"{chosen} (no CUDA device)"
     if not functional.HAS_TRITON:
         return f"{chosen} (triton is not installed)"
-    return f"{chosen} ({gap})"
+    return f"{chosen} ({gap or slow_kernel})"
 
 
 def add_info(subparsers) -> None:
@@ -248,7 +250,8 @@ def run_info(args: argparse.Namespace) -> int:
         for activation in functional.ACTIVATIONS:
             keys, weights, act_params = _attention_case(activation, dtype, device)
             gap = functional.attention_kernel_gap(keys, weights, activation, act_params)
-            print(f"  attention_pool {activation:<7} {dtype_name:<8}: {_auto_choice(device, gap, True)}")
+            choice = _auto_choice(device, gap, True, functional.attention_slow_kernel(keys))
+            print(f"  attention_pool {activation:<7} {dtype_name:<8}: {choice}")
         x = torch.zeros(4, 8, device=device, dtype=dtype)
         for training in (True, False):
             gap = functional.dice_kernel_gap(x, training)

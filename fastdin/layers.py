@@ -137,7 +137,9 @@ class AttentionPooling(nn.Module):
     (and CUDA autocast), D <= 256, 1 to 4 hidden layers of width <= 512, sigmoid, relu, prelu and
     Dice, in eval mode (running statistics) and in training mode (batch statistics, with the exact
     gradient through them, and the running statistics updated on the device);
-    `functional.attention_kernel_gap` names the reason for any uncovered case. In training,
+    `functional.attention_kernel_gap` names the reason for any uncovered case. float32 on CUDA with
+    TF32 off is covered, but "auto" runs the torch path there (`functional.attention_slow_kernel`).
+    In training,
     dice_stats="valid" takes Dice's statistics over the valid positions only; "all" over all B*T
     positions, as DeepCTR-Torch does.
     """

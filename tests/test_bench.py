@@ -201,3 +201,12 @@ def test_packed_vs_per_user_script_smoke():
     (the script checks), and are timed."""
     out = run_script("packed_vs_per_user.py", "--smoke")
     assert "dispatch (packed rows)" in out and "per-user forced (per-user kernels (per-user kernels forced" in out
+
+
+def test_fp32_paths_script_smoke():
+    """The fp32 A/B of bench/gpu_check.sh on a tiny shape under the interpreter: every path runs, the
+    TF32-off ones agree (the script checks), and each mode is timed."""
+    out = run_script("fp32_paths.py", "--smoke")
+    for mode in ("inference", "training"):
+        for path in ("triton, TF32 off", "triton, TF32 on", "torch, TF32 off (auto)", "reference, TF32 off"):
+            assert f"smoke {mode}: {path}: " in out, out

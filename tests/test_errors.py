@@ -207,6 +207,12 @@ def test_choose_backend():
     assert functional.choose_backend("torch", cpu, None, "op") == "reference"
     assert functional.choose_backend("torch", cpu, None, "op", has_torch_path=True) == "torch"
     assert functional.choose_backend("auto", cpu, None, "op", has_torch_path=True) == "torch"
+    if functional.HAS_TRITON:  # a CUDA device object needs no GPU: the choice looks only at its type
+        cuda = torch.device("cuda")
+        assert functional.choose_backend("auto", cuda, None, "op", has_torch_path=True) == "triton"
+        # a kernel the op calls the wrong choice: "auto" takes the torch path, "triton" still runs it
+        assert functional.choose_backend("auto", cuda, None, "op", has_torch_path=True, slow_kernel="why") == "torch"
+        assert functional.choose_backend("triton", cuda, None, "op", has_torch_path=True, slow_kernel="why") == "triton"
     with pytest.raises(ValueError, match="backend must be one of"):
         functional.choose_backend("fast", cpu, None, "op")
 

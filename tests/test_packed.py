@@ -258,6 +258,49 @@ def test_auto_runs_the_torch_path_on_the_cpu():
                                      has_torch_path="torch" in attention_op.IMPLEMENTATIONS) == "torch"
 
 
+class _KeysOn:
+    """What attention_slow_kernel reads of keys (is_cuda, dtype, device), for a device this machine lacks."""
+
+    def __init__(self, device: str, dtype: torch.dtype):
+        self.device, self.dtype, self.is_cuda = torch.device(device), dtype, device == "cuda"
+
+
+def test_auto_takes_the_torch_path_for_float32_on_cuda_without_tf32():
+    """Full-precision fp32 products are FMAs in Triton, whose sm_90 builds spill KBs per thread: on
+    CUDA with TF32 off (PyTorch's default) "auto" runs the torch path; with TF32 allowed, in fp16/bf16,
+    and on the CPU it leaves the choice to the kernel gap."""
+    matmul = torch.backends.cuda.matmul  # a module object whose attributes monkeypatch cannot restore
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert "TF32 off" in functional.attention_slow_kernel(_KeysOn("cuda", torch.float32))
+        for dtype in (torch.float16, torch.bfloat16):
+            assert functional.attention_slow_kernel(_KeysOn("cuda", dtype)) is None
+        assert functional.attention_slow_kernel(torch.zeros(2, 3, 4)) is None
+        matmul.allow_tf32 = True
+        assert functional.attention_slow_kernel(_KeysOn("cuda", torch.float32)) is None
+    finally:
+        matmul.allow_tf32 = before
+
+
+def test_attention_pool_hands_the_slow_kernel_reason_to_the_choice(monkeypatch):
+    """The op asks attention_slow_kernel about its keys and passes the answer to choose_backend."""
+    seen = []
+
+    def choose(*args, slow_kernel=None, **kwargs):
+        seen.append(slow_kernel)
+        return "torch"
+
+    monkeypatch.setattr(attention_op, "choose_backend", choose)
+    query, keys = torch.randn(2, 4), torch.randn(2, 3, 4)
+    weights, biases = [torch.randn(5, 16), torch.randn(1, 5)], [torch.randn(5), torch.randn(1)]
+    monkeypatch.setattr(attention_op, "attention_slow_kernel", lambda k: "too slow" if k is keys else "other keys")
+    functional.attention_pool(query, keys, weights, biases)
+    monkeypatch.setattr(attention_op, "attention_slow_kernel", lambda k: None)
+    functional.attention_pool(query, keys, weights, biases)
+    assert seen == ["too slow", None]
+
+
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="inductor on the CPU needs a C++ compiler")
 def test_torch_compile_inductor_train_and_eval():

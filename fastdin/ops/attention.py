@@ -448,6 +448,21 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
     return None
 
 
+def attention_slow_kernel(keys: Tensor) -> Optional[str]:
+    """Why "auto" takes the torch path although a kernel covers this case, or None.
+
+    float32 on CUDA with TF32 off (PyTorch's default, torch.backends.cuda.matmul.allow_tf32) asks for
+    full-precision products, which Triton lowers to FMAs: the sm_90 builds of those kernels run at 32
+    registers and spill 7-11 KB per thread at the paper shape (tests/test_attention_kernel.py), a
+    stack of 1.4-1.6 MB per program, past L1 to L2 and HBM on every tile. The torch path gives the same fp32 numbers from cuBLAS
+    GEMMs on the packed rows (docs/design.md, "float32 on CUDA"). Under autocast the kernels run in
+    the autocast dtype and are not concerned."""
+    if keys.is_cuda and kernel_dtype(keys) == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return ("float32 with TF32 off: the kernels' full-precision products run on FMAs and spill "
+                "(allow TF32 or use bf16 autocast for the kernels)")
+    return None
+
+
 def _match_weight_dtype(tensors: Sequence[Tensor], dtype: torch.dtype):
     """Outside autocast, run the reference in the inputs' dtype (as the kernels do)."""
     if torch.is_autocast_enabled():
@@ -520,7 +535,8 @@ def attention_pool(
     gap = attention_kernel_gap(keys, weights, activation, act_params)
     if offsets is not None and gap is None:  # only the packed-rows kernels take jagged keys
         gap = attention_packed.packed_gap(keys, weights, activation, act_params)
-    chosen = choose_backend(backend, keys.device, gap, "attention_pool", has_torch_path="torch" in IMPLEMENTATIONS)
+    chosen = choose_backend(backend, keys.device, gap, "attention_pool", has_torch_path="torch" in IMPLEMENTATIONS,
+                            slow_kernel=attention_slow_kernel(keys))
     refusals = refusal_count()
     try:
         out, scores = IMPLEMENTATIONS[chosen](

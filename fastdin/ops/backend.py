@@ -6,7 +6,9 @@ FASTDIN_BACKEND (default "auto").
   only under Triton's interpreter (TRITON_INTERPRET=1).
 - "torch": an op's fast pure-PyTorch path where it has one, else its reference.
 - "reference": the plain, unfused ground truth (fastdin.reference).
-- "auto": "triton" on CUDA where Triton imports and a kernel covers the case, else "torch".
+- "auto": "triton" on CUDA where Triton imports and a kernel covers the case, unless the op says
+  its kernel is the wrong choice there (`slow_kernel`, e.g. attention in float32 with TF32 off);
+  else "torch".
 """
 import functools
 import os
@@ -127,11 +129,13 @@ def triton_runnable(device: torch.device) -> bool:
 
 
 def choose_backend(backend: Optional[str], device: torch.device, kernel_gap: Optional[str], op: str,
-                   has_torch_path: bool = False) -> str:
+                   has_torch_path: bool = False, slow_kernel: Optional[str] = None) -> str:
     """Resolve backend to "triton", "torch" or "reference" for one call of op.
 
     kernel_gap is None when a Triton kernel exists for the case, else the reason why none does;
-    has_torch_path says whether op has a fast PyTorch path ("torch" means the reference without one).
+    has_torch_path says whether op has a fast PyTorch path ("torch" means the reference without one);
+    slow_kernel, when not None, is why "auto" takes that path although a kernel covers the case
+    ("triton" still runs the kernel).
     """
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
@@ -142,7 +146,7 @@ def choose_backend(backend: Optional[str], device: torch.device, kernel_gap: Opt
     if backend == "torch":
         return torch_path
     if backend == "auto":
-        usable = device.type == "cuda" and HAS_TRITON and kernel_gap is None
+        usable = device.type == "cuda" and HAS_TRITON and kernel_gap is None and slow_kernel is None
         return "triton" if usable else torch_path
     if not triton_runnable(device):
         raise RuntimeError(
