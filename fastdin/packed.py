@@ -21,8 +21,8 @@ batch statistics are taken over the valid rows ("valid"), or over all B*T positi
 pre1 = c_b), so each such user adds one row counted T - length_b times; padded keys that are not all
 zero are computed as rows of their own.
 
-Without autograd (and without softmax, scores or Dice training) the rows are gathered, scored and
-pooled in chunks that stay in cache. Gathering the valid rows of padded input reads N on the host
+Without autograd (and without softmax, scores or Dice training) on the CPU the rows are gathered,
+scored and pooled in chunks that stay in cache. Gathering the valid rows of padded input reads N on the host
 (on CUDA one device-to-host sync per call, and one more for Dice statistics over "all" positions).
 
 Under torch.compile the padded input takes a dense form without data-dependent shapes: every one
@@ -337,6 +337,15 @@ def row_scores(query: Tensor, groups: Sequence[RowGroup], weights, biases, activ
 INFERENCE_CHUNK = 2048
 
 
+def pools_in_chunks(device: torch.device, dice_training: bool, normalization, return_scores: bool) -> bool:
+    """Whether this call takes `_pool_in_chunks`: inference without softmax, scores or Dice training,
+    eager, and on the CPU only. On CUDA the chunks would cost about ten launches per 2048 rows,
+    and their index_add_ sums with atomics (an order that changes from run to run); the whole rows
+    there go through segment_reduce, in a fixed order."""
+    return (device.type != "cuda" and not torch.is_grad_enabled() and not dice_training and normalization is None
+            and not return_scores and not torch.compiler.is_compiling())
+
+
 def _pool_in_chunks(query: Tensor, rows, keys_of, user: Tensor, weights, biases, activation, act_params) -> Tensor:
     """out [B, D] = sum of s_r k_r per user (no normalization, no autograd), keys_of(i, j) giving
     the keys of rows i:j, so that the keys are read once and every intermediate stays in cache."""
@@ -380,8 +389,7 @@ def attention_pool(
     """
     batch = query.shape[0]
     dice_training = activation == "dice" and act_params[0].training
-    in_chunks = (not torch.is_grad_enabled() and not dice_training and normalization is None and not return_scores
-                 and not torch.compiler.is_compiling())
+    in_chunks = pools_in_chunks(keys.device, dice_training, normalization, return_scores)
     if offsets is not None:
         user = rows_from_offsets(offsets, keys.shape[0])
         if in_chunks:

@@ -355,6 +355,19 @@ def test_inference_in_chunks_matches_reference(monkeypatch, layout, activation):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+def test_inference_in_chunks_only_on_the_cpu():
+    """The chunks are a CPU cache measure: on CUDA they would multiply the launches and sum with
+    index_add_'s atomics (run-to-run order), so there every call takes the whole, fixed-order rows."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with torch.no_grad():
+        assert packed.pools_in_chunks(cpu, False, None, False)
+        assert not packed.pools_in_chunks(cuda, False, None, False)
+        assert not packed.pools_in_chunks(cpu, True, None, False)
+        assert not packed.pools_in_chunks(cpu, False, "softmax", False)
+        assert not packed.pools_in_chunks(cpu, False, None, True)
+    assert not packed.pools_in_chunks(cpu, False, None, False)  # autograd on
+
+
 def test_jit_trace_records_plain_ops():
     """torch.jit.trace (the TorchScript export) takes the reference's plain ops, whose trace replays
     on other lengths."""
