@@ -45,6 +45,7 @@ OPS_ATTENTION = "fastdin/ops/attention.py"
 OPS_DICE = "fastdin/ops/dice.py"
 OPS_BACKEND = "fastdin/ops/backend.py"
 OPS_CHECKS = "fastdin/ops/checks.py"
+TORCH_PATH = "fastdin/packed.py"
 
 # Test groups, cheapest and broadest first (-x stops at the first failure). The sm_90 builds need
 # ptxas and test no numerics: left out.
@@ -374,6 +375,9 @@ MUTANTS = [
     M("op-slow-kernel-not-asked", OPS_ATTENTION, "                            slow_kernel=attention_slow_kernel(keys))",
       "                            slow_kernel=None)", "attention_pool never hands the fp32 reason to the choice",
       ["tests/test_packed.py"]),
+    M("torch-path-chunks-on-cuda", TORCH_PATH, '    return (device.type != "cuda" and not torch.is_grad_enabled()',
+      "    return (not torch.is_grad_enabled()",
+      "CUDA inference on the torch path pools in chunks (launches, index_add_ atomics)", ["tests/test_packed.py"]),
     M("op-refused-mask-rebuilt-wrong", OPS_PACKED,
       "valid = torch.arange(positions.shape[1], device=positions.device)[None, :] < counts[:, None]",
       "valid = torch.arange(positions.shape[1], device=positions.device)[None, :] <= counts[:, None]",
