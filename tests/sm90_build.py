@@ -59,6 +59,7 @@ def toolchain_missing() -> Optional[str]:
             return "TRITON_INTERPRET is on: the interpreter replaces the @triton.jit kernels"
         make_backend(GPUTarget("cuda", 90, 32))
         knobs.nvidia.ptxas.path  # noqa: B018 (raises when no ptxas is found)
+        knobs.nvidia.dump_ptxas_log  # noqa: B018 (_ptxas_usage reads Triton's own ptxas log through it)
     except Exception as error:  # an import, backend or tool lookup failure: all mean "cannot build"
         return f"triton cannot build for sm_90 here: {type(error).__name__}: {error}"
     return None
