@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastdin.kernels.launch import block, ceil_div, multiprocessors
+from fastdin.kernels.launch import block, ceil_div, multiprocessors, tf32_matmuls
 from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, GradLayout, act_bwd, act_fwd, dot,
                                  grad_layout, layer_tuples, load_act, load_vec, store_partials, sum_partials)
 
@@ -772,7 +772,7 @@ def _launch_plan(query, keys, weights, act_tensors, rows: PackedRows, activation
         seq_len, n_values = keys.shape[1], 0
         stride_kb, stride_kt = keys.stride(0), keys.stride(1)
     hidden = tuple([w.shape[0] for w in weights[:-1]])
-    tf32 = keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    tf32 = keys.is_cuda and tf32_matmuls()
     slope_sizes = tuple([a[0].numel() for a in act_tensors]) if activation == "prelu" else ()
     plan = _plan(query.shape[1], hidden, keys.dtype, activation, dice_affine, tf32, slope_sizes)
     return query.shape[0], seq_len, n_values, stride_kb, stride_kt, plan

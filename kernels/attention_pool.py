@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdin.kernels.dice import chan_merge, merge_stat_partials, update_running_stats
-from fastdin.kernels.launch import block, ceil_div, multiprocessors, next_power_of_2
+from fastdin.kernels.launch import block, ceil_div, multiprocessors, next_power_of_2, tf32_matmuls
 from fastdin.kernels.mlp import (ACT_CODES, MAX_HIDDEN_LAYERS, TRITON_DTYPES, act_bwd, act_fwd, dot, grad_layout,
                                  layer_tuples, load_act, load_vec, store_partials, store_vector, sum_partials)
 
@@ -618,7 +618,7 @@ def _common_meta(keys, weights, activation, affine, block_t, tile_budget):
     seq_len, dim = keys.shape[1], keys.shape[2]
     hidden = [w.shape[0] for w in weights[:-1]]
     sizes = tuple(hidden + [hidden[-1]] * (MAX_HIDDEN_LAYERS - len(hidden)))
-    allow_tf32 = keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    allow_tf32 = keys.is_cuda and tf32_matmuls()
     meta = dict(
         BLOCK_T=block_t or _pick_block_t(seq_len, hidden + [dim], tile_budget), BLOCK_D=block(dim),
         BH=tuple(block(h) for h in sizes), NUM_LAYERS=len(hidden), ACT=ACT_CODES[activation], AFFINE=affine,

@@ -11,6 +11,17 @@ import functools
 import torch
 
 
+def tf32_matmuls() -> bool:
+    """Whether float32 matmuls on CUDA may use TF32: torch.backends.cuda.matmul.fp32_precision (torch >=
+    2.9, which also reflects the legacy flag and set_float32_matmul_precision), else allow_tf32. Reading
+    the legacy flag after the new API set the precision raises in torch >= 2.9."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision not in ("ieee", "none")
+
+
 def ceil_div(a: int, b: int) -> int:
     """a / b rounded up (b > 0)."""
     return -(-a // b)

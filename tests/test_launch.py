@@ -28,3 +28,30 @@ def test_block_is_a_power_of_2_of_at_least_16():
 def test_multiprocessors_is_the_device_count():
     device = torch.device("cuda")
     assert multiprocessors(device) == torch.cuda.get_device_properties(device).multi_processor_count
+
+
+TF32_SETTINGS = [  # (statements run in a fresh interpreter, expected tf32_matmuls())
+    ("pass", False),  # PyTorch's default
+    ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    ("torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cuda.matmul.allow_tf32 = False", False),
+    ("torch.set_float32_matmul_precision('high')", True),
+    ("torch.set_float32_matmul_precision('highest')", False),
+]
+if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: reading allow_tf32 after these raises
+    TF32_SETTINGS += [("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+                      ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+                      ("torch.backends.fp32_precision = 'tf32'", True)]
+
+
+@pytest.mark.parametrize("statements,expected", TF32_SETTINGS)
+def test_tf32_matmuls_reads_every_way_of_setting_it(statements, expected):
+    """The kernels' fp32 precision follows PyTorch's, however it was set (the legacy flag, the matmul
+    precision, or torch >= 2.9's fp32_precision), and reading it never raises. A fresh interpreter
+    each: the two APIs, once mixed, make the legacy getter raise for the rest of the process."""
+    import subprocess
+    import sys
+
+    code = f"import torch; {statements}; from fastdin.kernels.launch import tf32_matmuls; print(tf32_matmuls())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)

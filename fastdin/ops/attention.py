@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastdin import packed, reference
+from fastdin.kernels.launch import tf32_matmuls
 from fastdin.ops import attention_packed
 from fastdin.ops.backend import (LAUNCH_REFUSED, checking_values, choose_backend, kernel_dtype, record_refusal, refusal,
                                  refusal_count)
@@ -451,13 +452,13 @@ def attention_kernel_gap(keys: Tensor, weights: Sequence[Tensor], activation: st
 def attention_slow_kernel(keys: Tensor) -> Optional[str]:
     """Why "auto" takes the torch path although a kernel covers this case, or None.
 
-    float32 on CUDA with TF32 off (PyTorch's default, torch.backends.cuda.matmul.allow_tf32) asks for
+    float32 on CUDA with TF32 off (PyTorch's default; `fastdin.kernels.launch.tf32_matmuls`) asks for
     full-precision products, which Triton lowers to FMAs: the sm_90 builds of those kernels run at 32
     registers and spill 7-11 KB per thread at the paper shape (tests/test_attention_kernel.py), a
     stack of 1.4-1.6 MB per program, past L1 to L2 and HBM on every tile. The torch path gives the same fp32 numbers from cuBLAS
     GEMMs on the packed rows (docs/design.md, "float32 on CUDA"). Under autocast the kernels run in
     the autocast dtype and are not concerned."""
-    if keys.is_cuda and kernel_dtype(keys) == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if keys.is_cuda and kernel_dtype(keys) == torch.float32 and not tf32_matmuls():
         return ("float32 with TF32 off: the kernels' full-precision products run on FMAs and spill "
                 "(allow TF32 or use bf16 autocast for the kernels)")
     return None

@@ -46,6 +46,7 @@ OPS_DICE = "fastdin/ops/dice.py"
 OPS_BACKEND = "fastdin/ops/backend.py"
 OPS_CHECKS = "fastdin/ops/checks.py"
 TORCH_PATH = "fastdin/packed.py"
+LAUNCH = "kernels/launch.py"
 
 # Test groups, cheapest and broadest first (-x stops at the first failure). The sm_90 builds need
 # ptxas and test no numerics: left out.
@@ -369,12 +370,16 @@ MUTANTS = [
     M("op-auto-slow-kernel-ignored", OPS_BACKEND, "and kernel_gap is None and slow_kernel is None",
       "and kernel_gap is None", "auto runs a kernel the op called the wrong choice (fp32 with TF32 off)", ERROR_TESTS),
     M("op-slow-kernel-tf32-ignored", OPS_ATTENTION,
-      "kernel_dtype(keys) == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:",
+      "kernel_dtype(keys) == torch.float32 and not tf32_matmuls():",
       "kernel_dtype(keys) == torch.float32:", "auto skips the kernels for fp32 even with TF32 allowed",
       ["tests/test_packed.py"]),
     M("op-slow-kernel-not-asked", OPS_ATTENTION, "                            slow_kernel=attention_slow_kernel(keys))",
       "                            slow_kernel=None)", "attention_pool never hands the fp32 reason to the choice",
       ["tests/test_packed.py"]),
+    M("launch-tf32-new-api-ignored", LAUNCH, "    if precision is None:\n        return bool(matmul.allow_tf32)",
+      "    if True:\n        return bool(matmul.allow_tf32)",
+      "the kernels' fp32 precision read from the legacy flag only (raises after torch >= 2.9's fp32_precision)",
+      ["tests/test_launch.py"]),
     M("torch-path-chunks-on-cuda", TORCH_PATH, '    return (device.type != "cuda" and not torch.is_grad_enabled()',
       "    return (not torch.is_grad_enabled()",
       "CUDA inference on the torch path pools in chunks (launches, index_add_ atomics)", ["tests/test_packed.py"]),
