@@ -442,6 +442,31 @@ def test_dispatch_follows_the_gpu(monkeypatch):
     assert "shared memory" in gap(L4_SHARED_BYTES, False, 32)
 
 
+class _CudaKeys:
+    """What packed_gap reads of keys (is_cuda, dtype, device, shape), for a device this machine lacks."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype, self.device, self.is_cuda = torch.Size(shape), dtype, torch.device("cuda"), True
+
+
+def test_dispatch_asks_about_the_autocast_dtype(monkeypatch):
+    """Under autocast the kernels compute in the autocast dtype: fp32 keys (embeddings are not autocast)
+    under bf16 autocast run packed, and the shared memory asked about is bf16's, not fp32's."""
+    from fastdin.ops import attention_packed as ops
+
+    monkeypatch.setattr(ops, "shared_memory_limit", lambda device: A100_SHARED_BYTES)
+    monkeypatch.setattr(ops, "has_wgmma", lambda device: False)
+    weights = [torch.zeros(80, 4 * 32), torch.zeros(40, 80), torch.zeros(1, 40)]
+    keys = torch.zeros(2, 3, 32)
+    assert "shared memory" in ops.packed_gap(keys, weights, "sigmoid", None)  # fp32: twice the bytes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.packed_gap(keys, weights, "sigmoid", None) is None
+    cuda_keys = _CudaKeys((2, 3, 32), torch.float32)
+    assert "float32 on CUDA" in ops.packed_gap(cuda_keys, weights, "sigmoid", None)
+    monkeypatch.setattr(ops, "kernel_dtype", lambda k: torch.bfloat16)  # as under CUDA bf16 autocast
+    assert ops.packed_gap(cuda_keys, weights, "sigmoid", None) is None
+
+
 def test_a_gpu_with_wgmma_tries_the_shapes_within_the_bounds_slack(monkeypatch):
     """The seed shape's backward (D=64, 256/128/64) needs 227328 B of shared memory in bf16 (an sm_90
     build, Triton 3.6 and 3.7), 2% under an H200 block's 232448 B: closer than the bound can tell. On

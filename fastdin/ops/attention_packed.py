@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastdin.kernels.launch import block
-from fastdin.ops.backend import LAUNCH_REFUSED, has_wgmma, record_refusal, refusal, shared_memory_limit
+from fastdin.ops.backend import LAUNCH_REFUSED, has_wgmma, kernel_dtype, record_refusal, refusal, shared_memory_limit
 
 H200_SHARED_BYTES = 232448  # the most shared memory one block may use on an H100/H200 (227 KiB)
 FAMILY = "packed-rows"  # in fastdin.ops.backend's record of refused programs
@@ -57,7 +57,8 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
     """None when the packed kernels cover this case (after fastdin.ops.attention's own gap), else why not."""
     if activation == "dice" and any(p.training for p in act_params):
         return "training-mode Dice (batch statistics) runs on the per-user kernels"
-    if keys.is_cuda and keys.dtype == torch.float32:
+    dtype = kernel_dtype(keys)  # what the kernels compute in: fp32 keys under bf16 autocast are bf16 here
+    if keys.is_cuda and dtype == torch.float32:
         # sm_90 builds of the fp32 variants spill tens of KB per thread (ieee products run on FMAs;
         # tf32x3 needs 400 KB of shared memory): the per-user kernels stay until that is fixed
         return "float32 on CUDA runs on the per-user kernels"
@@ -67,7 +68,7 @@ def packed_gap(keys: Tensor, weights: Sequence[Tensor], activation: str, act_par
     hidden = tuple([w.shape[0] for w in weights[:-1]])
     limit = shared_memory_limit(keys.device) or H200_SHARED_BYTES  # the interpreter: an H200's
     wgmma = has_wgmma(keys.device)
-    estimate = shared_memory_estimate(keys.shape[-1], hidden, keys.dtype, wgmma)
+    estimate = shared_memory_estimate(keys.shape[-1], hidden, dtype, wgmma)
     if estimate > limit and not worth_a_launch(estimate, limit, wgmma, keys.is_cuda):
         return f"D = {keys.shape[-1]} with hidden sizes {list(hidden)} needs more shared memory than {limit} B"
     return None
