@@ -734,8 +734,8 @@ def packed_rows(lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     return PackedRows(lengths, None, False)
 
 
-@functools.lru_cache(maxsize=None)
 def _num_programs(device: torch.device, rows_bound: int, block_m: int, per_sm: int) -> int:
+    # not cached: rows_bound is N for jagged input, a new value almost every batch
     if device.type != "cuda":
         return 2  # the interpreter pays ~1 ms per program instance
     return max(1, min(multiprocessors(device) * per_sm, ceil_div(max(rows_bound, 1), block_m)))
