@@ -33,6 +33,7 @@ from packed_vs_per_user import SHAPES, SMOKE, make_case  # noqa: E402
 from fastdin import functional  # noqa: E402
 from fastdin.bench import report  # noqa: E402
 from fastdin.bench.measure import Budget, device_name, rotated_medians_ms  # noqa: E402
+from fastdin.kernels.launch import tf32_matmuls  # noqa: E402
 
 PATHS = {"triton, TF32 off": ("triton", False), "triton, TF32 on": ("triton", True),
          "torch, TF32 off (auto)": ("torch", False), "reference, TF32 off": ("reference", False)}
@@ -76,7 +77,7 @@ def main():
         device, shapes, budget = torch.device("cuda"), {"paper": SHAPES["paper"]}, Budget()
     else:
         raise SystemExit("no CUDA device: pass --smoke for a check of the script on the CPU")
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    tf32_before = tf32_matmuls()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     base = dict(date=stamp, gpu=device_name(device), torch=torch.__version__, triton=triton.__version__)
     try:

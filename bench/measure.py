@@ -16,6 +16,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.utils.benchmark as torch_benchmark
 
+from fastdin.kernels.launch import tf32_matmuls
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -132,7 +134,7 @@ def measure_ceilings(device: torch.device, dtypes, quick: bool, budget: Budget) 
     else:
         copy_bytes, size = (2**24, 512) if quick else (2**26, 1024)
     ceilings = {"copy_gbps": copy_bandwidth_gbps(device, copy_bytes, budget)}
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    tf32 = tf32_matmuls()  # read as the kernels read it: the legacy getter raises after torch's new API
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         if device.type == "cuda":
