@@ -202,11 +202,7 @@ class Workload:
         else:
             pool = self.model.attention
             keys = torch.empty(c.batch, c.seq_len, 2 * c.dim, device=self.device, dtype=self.dtype)
-        linears = list(pool.mlp.linears) + [pool.score]
-        act_params = [a.params() if isinstance(a, Dice) else getattr(a, "weight", None) for a in pool.mlp.activations]
-        gap = functional.attention_kernel_gap(keys, [m.weight for m in linears], pool.mlp.activation, act_params)
-        attention = functional.choose_backend("auto", self.device, gap, "attention_pool", has_torch_path=True,
-                                              slow_kernel=functional.attention_slow_kernel(keys))
+        attention = pool.backend_for(keys, "auto")
         if c.kind == "attention":
             return attention
         rows = torch.empty(c.batch, self.model.mlp.linears[0].out_features, device=self.device, dtype=self.dtype)

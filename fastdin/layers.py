@@ -159,23 +159,35 @@ class AttentionPooling(nn.Module):
         self.mlp = MLP(4 * embed_dim, hidden_units, activation, backend=backend, dice_affine=dice_affine)
         self.score = nn.Linear(self.mlp.out_features, 1)
 
+    def _act_params(self):
+        activation = self.mlp.activation
+        if activation == "prelu":
+            return [a.weight for a in self.mlp.activations]
+        if activation == "dice":
+            return [a.params() for a in self.mlp.activations]
+        return None
+
     def forward(self, query: Tensor, keys: Tensor, lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 offsets: Optional[Tensor] = None):
-        activation = self.mlp.activation
-        act_params = None
-        if activation == "prelu":
-            act_params = [a.weight for a in self.mlp.activations]
-        elif activation == "dice":
-            act_params = [a.params() for a in self.mlp.activations]
-            if self.training:
-                for a in self.mlp.activations:
-                    a.num_batches_tracked.add_(1)
+        act_params = self._act_params()
+        if self.mlp.activation == "dice" and self.training:
+            for a in self.mlp.activations:
+                a.num_batches_tracked.add_(1)
         linears = list(self.mlp.linears) + [self.score]
         return functional.attention_pool(
-            query, keys, [m.weight for m in linears], [m.bias for m in linears], activation=activation,
+            query, keys, [m.weight for m in linears], [m.bias for m in linears], activation=self.mlp.activation,
             act_params=act_params, lengths=lengths, mask=mask, normalization=self.normalization,
             return_scores=self.return_scores, dice_stats=self.dice_stats, backend=self.backend, offsets=offsets,
         )
+
+    def backend_for(self, keys: Tensor, backend: Optional[str] = None) -> str:
+        """The backend a forward with padded keys like these runs: "triton", "torch" or "reference"
+        (`functional.choose_backend`, with the kernel gap and the fp32 rule of `attention_pool`), for
+        the layer's backend or the one given."""
+        weights = [m.weight for m in list(self.mlp.linears) + [self.score]]
+        gap = functional.attention_kernel_gap(keys, weights, self.mlp.activation, self._act_params())
+        return functional.choose_backend(backend or self.backend, keys.device, gap, "attention_pool",
+                                         has_torch_path=True, slow_kernel=functional.attention_slow_kernel(keys))
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, normalization={self.normalization}, dice_stats={self.dice_stats!r}"

@@ -116,9 +116,11 @@ class _CandidateInterest:
         num, history = query.shape[0], self.history
         if self.attention is None or history.shape[0] == 0:  # sum pooling, or no behaviour: one interest for all
             return history.sum(0, keepdim=True).expand(num, -1)
-        if history.is_cuda or self.attention.backend == "triton":
+        keys = history.unsqueeze(0).expand(num, -1, -1)
+        if self.attention.backend_for(keys) == "triton":
             # the kernel reads stride-0 keys in place: no copy of the history
-            return self.attention(query, history.unsqueeze(0).expand(num, -1, -1))
+            return self.attention(query, keys)
+        # the PyTorch paths would gather N copies of the history: the shared part once, in chunks instead
         return candidate_attention(self.attention, query, history, self.chunk_rows)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastdin import reference
+from fastdin import functional, reference
 from fastdin.layers import MLP, AttentionPooling, Dice
 
 F64 = torch.float64
@@ -252,3 +252,19 @@ def test_mlp_dropout_only_in_training():
     assert (dropped == 0).sum() > (plain == 0).sum()
     kept = dropped != 0
     torch.testing.assert_close(dropped[kept], 2 * plain[kept])
+
+
+def test_backend_for_names_what_a_forward_runs(monkeypatch):
+    """AttentionPooling.backend_for answers as attention_pool chooses: the layer's backend or the one
+    given, the kernel gap, and the fp32 rule (attention_slow_kernel), which it hands to the choice."""
+    layer = AttentionPooling(8, (6,), "prelu")
+    keys = torch.zeros(2, 3, 8)
+    assert layer.backend_for(keys) == "torch"  # auto on the CPU
+    assert layer.backend_for(keys, "reference") == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if functional.HAS_TRITON:
+        assert layer.backend_for(keys, "triton") == "triton"
+    seen = []
+    monkeypatch.setattr(functional, "attention_slow_kernel", lambda k: "fp32 reason" if k is keys else None)
+    monkeypatch.setattr(functional, "choose_backend", lambda *a, slow_kernel=None, **kw: seen.append(slow_kernel) or "x")
+    assert layer.backend_for(keys) == "x" and seen == ["fp32 reason"]

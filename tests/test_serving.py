@@ -92,6 +92,23 @@ def test_stride0_keys_through_the_kernel_path():
     assert rel_err(model.score_candidates(user, items, categories), want) < 1e-5
 
 
+@pytest.mark.parametrize("chosen", ["triton", "torch", "reference"])
+def test_the_shared_history_path_follows_the_backend_a_call_runs(chosen, monkeypatch):
+    """Only where the kernels run is the history handed to the layer expanded with stride 0: the
+    PyTorch paths (on the CPU, or fp32 on CUDA with TF32 off) would gather N copies of it, so there
+    the shared part is computed once (candidate_attention)."""
+    from fastdin import AttentionPooling, serving
+
+    model = make_model("prelu", None)
+    user, items, categories = user_and_candidates(model, 5, 4, num=3)
+    shared = []
+    monkeypatch.setattr(AttentionPooling, "backend_for", lambda self, keys, backend=None: chosen)
+    monkeypatch.setattr(serving, "candidate_attention", lambda attention, q, *args: shared.append(1) or torch.zeros_like(q))
+    monkeypatch.setattr(AttentionPooling, "forward", lambda self, q, *args, **kwargs: torch.zeros_like(q))
+    model.score_candidates(user, items, categories)
+    assert shared == ([] if chosen == "triton" else [1])
+
+
 def test_bad_input_names_the_argument():
     model = make_model()
     user, items, categories = user_and_candidates(model, 5, 4, num=3)
