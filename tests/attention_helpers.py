@@ -310,3 +310,11 @@ def count_device_ops(call):
     with kernels_replaced(lambda name, kernel: NoLaunch(name)), Record():
         call()
     return launches, aten_ops
+
+
+class KeysOn:
+    """What the dispatch reads of keys (is_cuda, dtype, device, shape), for a device this machine lacks."""
+
+    def __init__(self, device: str, dtype: torch.dtype, shape=(2, 3, 4)):
+        self.device, self.dtype, self.shape = torch.device(device), dtype, torch.Size(shape)
+        self.is_cuda = self.device.type == "cuda"

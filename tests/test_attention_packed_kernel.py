@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import pytest
 import torch
-from attention_helpers import LOW_DTYPES, training_step_device_ops
+from attention_helpers import LOW_DTYPES, KeysOn, training_step_device_ops
 from fastdin.testing import error_bound, relative_errors
 from conftest import DEVICES
 
@@ -442,13 +442,6 @@ def test_dispatch_follows_the_gpu(monkeypatch):
     assert "shared memory" in gap(L4_SHARED_BYTES, False, 32)
 
 
-class _CudaKeys:
-    """What packed_gap reads of keys (is_cuda, dtype, device, shape), for a device this machine lacks."""
-
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype, self.device, self.is_cuda = torch.Size(shape), dtype, torch.device("cuda"), True
-
-
 def test_dispatch_asks_about_the_autocast_dtype(monkeypatch):
     """Under autocast the kernels compute in the autocast dtype: fp32 keys (embeddings are not autocast)
     under bf16 autocast run packed, and the shared memory asked about is bf16's, not fp32's."""
@@ -461,7 +454,7 @@ def test_dispatch_asks_about_the_autocast_dtype(monkeypatch):
     assert "shared memory" in ops.packed_gap(keys, weights, "sigmoid", None)  # fp32: twice the bytes
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ops.packed_gap(keys, weights, "sigmoid", None) is None
-    cuda_keys = _CudaKeys((2, 3, 32), torch.float32)
+    cuda_keys = KeysOn("cuda", torch.float32, (2, 3, 32))
     assert "float32 on CUDA" in ops.packed_gap(cuda_keys, weights, "sigmoid", None)
     monkeypatch.setattr(ops, "kernel_dtype", lambda k: torch.bfloat16)  # as under CUDA bf16 autocast
     assert ops.packed_gap(cuda_keys, weights, "sigmoid", None) is None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from attention_helpers import Case, cast_leaves, check_against_reference, keys_from_base, make_inputs
+from attention_helpers import Case, KeysOn, cast_leaves, check_against_reference, keys_from_base, make_inputs
 
 from fastdin import AttentionPooling, functional, packed, reference
 from fastdin.ops import attention as attention_op
@@ -258,13 +258,6 @@ def test_auto_runs_the_torch_path_on_the_cpu():
                                      has_torch_path="torch" in attention_op.IMPLEMENTATIONS) == "torch"
 
 
-class _KeysOn:
-    """What attention_slow_kernel reads of keys (is_cuda, dtype, device), for a device this machine lacks."""
-
-    def __init__(self, device: str, dtype: torch.dtype):
-        self.device, self.dtype, self.is_cuda = torch.device(device), dtype, device == "cuda"
-
-
 def test_auto_takes_the_torch_path_for_float32_on_cuda_without_tf32():
     """Full-precision fp32 products are FMAs in Triton, whose sm_90 builds spill KBs per thread: on
     CUDA with TF32 off (PyTorch's default) "auto" runs the torch path; with TF32 allowed, in fp16/bf16,
@@ -273,12 +266,12 @@ def test_auto_takes_the_torch_path_for_float32_on_cuda_without_tf32():
     before = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        assert "TF32 off" in functional.attention_slow_kernel(_KeysOn("cuda", torch.float32))
+        assert "TF32 off" in functional.attention_slow_kernel(KeysOn("cuda", torch.float32))
         for dtype in (torch.float16, torch.bfloat16):
-            assert functional.attention_slow_kernel(_KeysOn("cuda", dtype)) is None
+            assert functional.attention_slow_kernel(KeysOn("cuda", dtype)) is None
         assert functional.attention_slow_kernel(torch.zeros(2, 3, 4)) is None
         matmul.allow_tf32 = True
-        assert functional.attention_slow_kernel(_KeysOn("cuda", torch.float32)) is None
+        assert functional.attention_slow_kernel(KeysOn("cuda", torch.float32)) is None
     finally:
         matmul.allow_tf32 = before
 

@@ -455,9 +455,9 @@ def attention_slow_kernel(keys: Tensor) -> Optional[str]:
     float32 on CUDA with TF32 off (PyTorch's default; `fastdin.kernels.launch.tf32_matmuls`) asks for
     full-precision products, which Triton lowers to FMAs: the sm_90 builds of those kernels run at 32
     registers and spill 7-11 KB per thread at the paper shape (tests/test_attention_kernel.py), a
-    stack of 1.4-1.6 MB per program, past L1 to L2 and HBM on every tile. The torch path gives the same fp32 numbers from cuBLAS
-    GEMMs on the packed rows (docs/design.md, "float32 on CUDA"). Under autocast the kernels run in
-    the autocast dtype and are not concerned."""
+    stack of 1.4-1.6 MB per program, past L1 to L2 and HBM on every tile. The torch path gives the
+    same fp32 numbers from cuBLAS GEMMs on the packed rows (docs/design.md, "float32 on CUDA").
+    Under autocast the kernels run in the autocast dtype and are not concerned."""
     if keys.is_cuda and kernel_dtype(keys) == torch.float32 and not tf32_matmuls():
         return ("float32 with TF32 off: the kernels' full-precision products run on FMAs and spill "
                 "(allow TF32 or use bf16 autocast for the kernels)")
